@@ -1,0 +1,76 @@
+"""Input checks shared by the core functions: every error names the argument that caused it."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "check_finite",
+    "check_mask",
+    "check_probability",
+    "check_same_shape",
+    "check_tensor",
+    "float_dtype",
+]
+
+
+def check_tensor(x: object, name: str, *, ndim: int | None = None) -> torch.Tensor:
+    """Raise `TypeError` unless `x` is a tensor, `ValueError` unless it has `ndim` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"`{name}` must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_shape(x: torch.Tensor, name: str, shape: torch.Size, ref_name: str) -> None:
+    if x.shape != shape:
+        raise ValueError(f"`{name}` has shape {tuple(x.shape)} but `{ref_name}` has shape {tuple(shape)}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """NaN or inf anywhere in `x` (masked positions included) is an error, never a silent NaN downstream."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"`{name}` holds {bad} NaN/inf entries; all entries must be finite")
+
+
+def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torch.Tensor:
+    """Validate a (B, T) 0/1 mask (bool, integer or float) and return it as bool.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: not 2-D, a value other than 0 and 1, or a row with no valid token.
+    """
+    mask = check_tensor(response_mask, "response_mask", ndim=2)
+    if mask.dtype != torch.bool:
+        if mask.is_complex():
+            raise TypeError("`response_mask` must be bool, integer or float, got a complex tensor")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("`response_mask` must hold only 0 and 1")
+        mask = mask != 0
+    if not allow_empty_rows:
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"`response_mask` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
+                "every response needs at least one token"
+            )
+    return mask
+
+
+def check_probability(value: float, name: str) -> float:
+    """A hyper-parameter that must lie in [0, 1] (gamma, lambda)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+    return float(value)
+
+
+def float_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any floating input is float64, else float32 (bf16/fp16 inputs are computed in float32)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32

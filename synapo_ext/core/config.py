@@ -1,0 +1,167 @@
+"""SynAPO's parameters (one dataclass both host adapters read) and the named presets.
+
+Field names never clash with TRL's `GRPOConfig` (e.g. its `beta` is the KL coefficient), so
+`SynAPOConfig(GRPOConfig)` can carry them under the same names; verl reads them from
+`algorithm.synapo.*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PRESETS", "SynAPOParams", "params_from_preset"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class SynAPOParams:
+    """SynAPO parameters with SPEC's defaults (the `synapo` preset).
+
+    Parameters that control GAE:
+        gamma (`float`, *optional*, defaults to `1.0`): discount factor.
+        gae_lambda (`float`, *optional*, defaults to `0.95`): the actor's fixed lambda when
+            `length_adaptive_lambda` is off (PPO).
+        critic_lambda (`float`, *optional*, defaults to `1.0`): lambda of the critic targets (VAPO's decoupled
+            GAE; 1.0 = Monte-Carlo). Must be 1.0 with HVM on.
+        whiten_advantages (`bool`, *optional*, defaults to `True`): whiten advantages over the batch's valid tokens.
+        length_adaptive_lambda (`bool`, *optional*, defaults to `True`): VAPO's lambda = 1 - 1 / (alpha * l).
+    Parameters that control EA-GAE:
+        ea_gae_enabled (`bool`, *optional*, defaults to `True`): add the entropy term (needs rollout entropy).
+        ea_gae_alpha (`float`, *optional*, defaults to `0.05`): alpha of the length-adaptive lambda (VAPO's too).
+        ea_gae_beta (`float`, *optional*, defaults to `0.05`): entropy scale beta (< 0: the write-up's prose sign).
+        ea_gae_lambda_min, ea_gae_lambda_max (`float`, *optional*, defaults to `0.0`, `1.0`): clip range.
+    Parameters that control HVM:
+        hvm_enabled (`bool`, *optional*, defaults to `True`): two-head critic over reasoning segments.
+        hvm_global_lambda (`float`, *optional*, defaults to `0.95`): lambda of the GAE over segments.
+        hvm_global_weight (`float`, *optional*, defaults to `1.0`): weight of the global advantage.
+        hvm_delimiters (`list[str]`, *optional*, defaults to `["\\n\\n"]`): strings that end a segment.
+        hvm_min_len, hvm_max_len, hvm_fallback_len (`int`, *optional*, defaults to `1`, `None`, `64`): segment
+            length limits and the chunk length for responses without a delimiter.
+    Parameters that control SCVL:
+        scvl_enabled (`bool`, *optional*, defaults to `True`): contrastive critic loss at divergence points.
+        scvl_threshold (`float`, *optional*, defaults to `0.5`): positive iff score >= threshold.
+        scvl_margin (`float`, *optional*, defaults to `0.5`): hinge margin.
+        scvl_weight (`float`, *optional*, defaults to `0.1`): weight in the critic loss.
+        scvl_max_pairs (`int`, *optional*, defaults to `16`): pairs per group, longest common prefix first.
+    Parameters that control the VAPO pieces:
+        value_warmup_steps (`int`, *optional*, defaults to `50`): critic-only updates before the policy moves.
+        clip_ratio_low, clip_ratio_high (`float`, *optional*, defaults to `0.2`, `0.28`): clip-higher.
+        positive_lm_coef (`float`, *optional*, defaults to `0.1`): NLL weight on correct responses.
+    """
+
+    # GAE
+    gamma: float = field(default=1.0, metadata=_help("Discount factor."))
+    gae_lambda: float = field(default=0.95, metadata=_help("Actor lambda when length_adaptive_lambda is off."))
+    critic_lambda: float = field(default=1.0, metadata=_help("Lambda of the critic targets (1.0: Monte-Carlo)."))
+    whiten_advantages: bool = field(default=True, metadata=_help("Whiten advantages over valid tokens."))
+    length_adaptive_lambda: bool = field(default=True, metadata=_help("VAPO's lambda = 1 - 1/(alpha * length)."))
+    # EA-GAE
+    ea_gae_enabled: bool = field(default=True, metadata=_help("Entropy-aware lambda (EA-GAE)."))
+    ea_gae_alpha: float = field(default=0.05, metadata=_help("Alpha of the length-adaptive lambda."))
+    ea_gae_beta: float = field(default=0.05, metadata=_help("Entropy scale beta of EA-GAE (< 0: prose sign)."))
+    ea_gae_lambda_min: float = field(default=0.0, metadata=_help("Lower clip of the EA-GAE lambda."))
+    ea_gae_lambda_max: float = field(default=1.0, metadata=_help("Upper clip of the EA-GAE lambda."))
+    # HVM
+    hvm_enabled: bool = field(default=True, metadata=_help("Two-head (local, global) critic over segments."))
+    hvm_global_lambda: float = field(default=0.95, metadata=_help("Lambda of the GAE over segments."))
+    hvm_global_weight: float = field(default=1.0, metadata=_help("Weight of the global advantage."))
+    hvm_delimiters: list[str] = field(default_factory=lambda: ["\n\n"], metadata=_help("Segment delimiters."))
+    hvm_min_len: int = field(default=1, metadata=_help("Minimum segment length in tokens."))
+    hvm_max_len: int | None = field(default=None, metadata=_help("Maximum segment length in tokens."))
+    hvm_fallback_len: int | None = field(default=64, metadata=_help("Chunk length for rows without a delimiter."))
+    # SCVL
+    scvl_enabled: bool = field(default=True, metadata=_help("Contrastive critic loss at divergence points."))
+    scvl_threshold: float = field(default=0.5, metadata=_help("A response is positive iff score >= threshold."))
+    scvl_margin: float = field(default=0.5, metadata=_help("SCVL hinge margin."))
+    scvl_weight: float = field(default=0.1, metadata=_help("SCVL weight in the critic loss."))
+    scvl_max_pairs: int = field(default=16, metadata=_help("Maximum SCVL pairs per group."))
+    # VAPO pieces
+    value_warmup_steps: int = field(default=50, metadata=_help("Critic-only updates before the policy moves."))
+    clip_ratio_low: float = field(default=0.2, metadata=_help("PPO clip epsilon (low side)."))
+    clip_ratio_high: float = field(default=0.28, metadata=_help("PPO clip epsilon (high side, clip-higher)."))
+    positive_lm_coef: float = field(default=0.1, metadata=_help("NLL weight on correct responses."))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first bad field."""
+        for name in ("gamma", "gae_lambda", "critic_lambda", "hvm_global_lambda"):
+            _in_range(name, getattr(self, name), 0.0, 1.0)
+        if not self.ea_gae_alpha > 0:
+            raise ValueError(f"`ea_gae_alpha` must be > 0, got {self.ea_gae_alpha}")
+        if not 0.0 <= self.ea_gae_lambda_min <= self.ea_gae_lambda_max <= 1.0:
+            raise ValueError(
+                "need 0 <= `ea_gae_lambda_min` <= `ea_gae_lambda_max` <= 1, "
+                f"got {self.ea_gae_lambda_min} and {self.ea_gae_lambda_max}"
+            )
+        if self.ea_gae_enabled and not self.length_adaptive_lambda:
+            raise ValueError("`ea_gae_enabled` needs `length_adaptive_lambda` (EA-GAE extends VAPO's lambda)")
+        if self.hvm_enabled and self.critic_lambda != 1.0:
+            raise ValueError(
+                f"`critic_lambda` must be 1.0 with HVM on (its targets are Monte-Carlo per level), "
+                f"got {self.critic_lambda}; set hvm_enabled=False to use another critic lambda"
+            )
+        if isinstance(self.hvm_delimiters, str):
+            self.hvm_delimiters = [self.hvm_delimiters]
+        if self.hvm_enabled and (not self.hvm_delimiters or not all(self.hvm_delimiters)):
+            raise ValueError(f"`hvm_delimiters` must be non-empty strings, got {self.hvm_delimiters!r}")
+        for name in ("hvm_min_len", "hvm_max_len", "hvm_fallback_len", "scvl_max_pairs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if not isinstance(self.value_warmup_steps, int) or self.value_warmup_steps < 0:
+            raise ValueError(f"`value_warmup_steps` must be an integer >= 0, got {self.value_warmup_steps!r}")
+        for name in ("scvl_weight", "scvl_margin", "positive_lm_coef", "clip_ratio_low", "clip_ratio_high"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value}")
+
+
+# Each preset lists only what differs from SynAPOParams' defaults (the full `synapo` method).
+_PPO = {
+    "length_adaptive_lambda": False,
+    "critic_lambda": 0.95,
+    "ea_gae_enabled": False,
+    "hvm_enabled": False,
+    "scvl_enabled": False,
+    "value_warmup_steps": 0,
+    "clip_ratio_high": 0.2,
+    "positive_lm_coef": 0.0,
+}
+_VAPO = {"ea_gae_enabled": False, "hvm_enabled": False, "scvl_enabled": False}
+PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": _PPO,
+    "vapo": _VAPO,
+    "synapo": {},
+    "synapo-no-hvm": {"hvm_enabled": False},
+    "synapo-no-scvl": {"scvl_enabled": False},
+    "synapo-no-eagae": {"ea_gae_enabled": False},
+}
+
+
+def params_from_preset(preset: str = "synapo", **overrides: Any) -> SynAPOParams:
+    """The parameters of a named preset, with `overrides` applied on top.
+
+    Raises:
+        ValueError: unknown preset or parameter name (listing the valid ones), or an invalid value.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown SynAPO `preset` {preset!r}; choose one of {sorted(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(SynAPOParams)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown SynAPO parameter(s) {unknown}; valid names: {sorted(names)}")
+    return SynAPOParams(**{**PRESETS[preset], **overrides})

@@ -1,0 +1,109 @@
+"""Generalized Advantage Estimation with a per-token lambda (SPEC: "EA-GAE", "Conventions").
+
+    delta_t = r_t + gamma * V_{t+1} - V_t          (V_{t+1} = 0 after the last valid token)
+    A_t     = delta_t + gamma * lambda_t * A_{t+1}
+    G_t     = A_t + V_t                             (returns, taken before whitening)
+
+Reference: Schulman et al. 2016, https://arxiv.org/abs/1506.02438 ; verl's `compute_gae_advantage_return`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
+from ._compact import Compactor
+from .scan import reverse_linear_scan
+
+__all__ = ["check_lambda", "compute_gae", "masked_whiten", "next_token_values"]
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + 1e-8) with the mean and unbiased variance over `mask` (verl's `masked_whiten`).
+
+    Args:
+        values: float (B, T).
+        mask: bool (B, T).
+
+    Raises:
+        ValueError: fewer than two valid tokens in the batch (the variance is undefined).
+    """
+    count = mask.sum()
+    if int(count) < 2:
+        raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
+    mean = torch.where(mask, values, 0.0).sum() / count
+    centered = values - mean
+    var = torch.where(mask, centered.square(), 0.0).sum() / (count - 1)
+    return centered * torch.rsqrt(var + 1e-8)
+
+
+def next_token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """V_{t+1} in a right-padded layout: the next token's value, 0 after the row's last valid token."""
+    next_values = torch.zeros_like(values)
+    next_values[:, :-1] = torch.where(mask[:, 1:], values[:, 1:], 0.0)
+    return next_values
+
+
+def check_lambda(lam: float | torch.Tensor, name: str, shape: torch.Size, mask: torch.Tensor) -> float | torch.Tensor:
+    """A float in [0, 1], or a (B, T) tensor in [0, 1] at valid positions (finite everywhere)."""
+    if not isinstance(lam, torch.Tensor):
+        return check_probability(lam, name)
+    check_same_shape(lam, name, shape, "rewards")
+    check_finite(lam, name)
+    valid = lam[mask]
+    if valid.numel() and not bool(((valid >= 0) & (valid <= 1)).all()):
+        raise ValueError(f"`{name}` must be in [0, 1] at valid tokens, got values in [{valid.min()}, {valid.max()}]")
+    return lam
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    gamma: float,
+    lam: float | torch.Tensor,
+    whiten: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and returns over each row's valid tokens (masked tokens are skipped, not discounted).
+
+    Args:
+        rewards: float (B, T), token-level rewards r_t.
+        values: float (B, T), V(s_t), the value of the state before token t.
+        response_mask: bool/int/float (B, T) of 0 and 1; interior zeros are skipped as verl does.
+        gamma: discount in [0, 1].
+        lam: lambda in [0, 1], a float or a per-token (B, T) tensor (EA-GAE).
+        whiten: whiten the advantages over valid tokens (verl's `masked_whiten`).
+
+    Returns:
+        (advantages, returns), both float (B, T); `returns` are A + V before any whitening.
+
+    Raises:
+        TypeError, ValueError: naming the argument (shapes, NaN/inf, mask values, empty rows, ranges).
+    """
+    rewards = check_tensor(rewards, "rewards", ndim=2)
+    values = check_tensor(values, "values", ndim=2)
+    check_same_shape(values, "values", rewards.shape, "rewards")
+    mask = check_mask(response_mask)
+    check_same_shape(mask, "response_mask", rewards.shape, "rewards")
+    check_finite(rewards, "rewards")
+    check_finite(values, "values")
+    gamma = check_probability(gamma, "gamma")
+    lam = check_lambda(lam, "lam", rewards.shape, mask)
+
+    dtype = float_dtype(rewards, values, lam if isinstance(lam, torch.Tensor) else None)
+    layout = Compactor(mask)
+    r = layout.compact(rewards.to(dtype))
+    v = layout.compact(values.to(dtype))
+    decay = gamma * (layout.compact(lam.to(dtype)) if isinstance(lam, torch.Tensor) else lam)
+
+    # delta_t = r_t + gamma * V_{t+1} - V_t on valid tokens, 0 past the end (so A stays 0 there)
+    deltas = torch.where(layout.mask, r + gamma * next_token_values(v, layout.mask) - v, 0.0)
+    # A_t = delta_t + gamma * lambda_t * A_{t+1}
+    advantages = reverse_linear_scan(decay, deltas)
+    returns = advantages + v
+
+    advantages, returns = layout.expand(advantages), layout.expand(returns)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns

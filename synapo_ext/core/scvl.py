@@ -1,0 +1,226 @@
+"""SCVL: sub-path contrastive value learning (SPEC "SCVL").
+
+A correct (positive) and a wrong (negative) response to one prompt share every state up to the first
+token where they differ, d; the critic should rank the states right after it:
+
+    loss = mean over pairs of max(0, margin - (V_i[d+1] - V_j[d+1]))      (i positive, j negative)
+
+Hosts that split a group across micro-batches use the split form (`scvl_split_loss`): each side of a
+pair sees its partner's rollout-time value as a constant; at the rollout-time weights its gradient
+equals the joint hinge's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_finite, check_mask, check_same_shape, check_tensor
+
+__all__ = ["SCVLPairs", "group_codes", "scvl_group_stats", "scvl_loss", "scvl_pairs", "scvl_split_loss"]
+
+# Compare at most this many (pair, token) entries at once when finding divergence points.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class SCVLPairs(NamedTuple):
+    """Pairs found by `scvl_pairs`, each a LongTensor (P,): rows i (positive), j (negative) and d."""
+
+    pos_index: torch.Tensor
+    neg_index: torch.Tensor
+    diverge_index: torch.Tensor
+
+
+def group_codes(group_ids: torch.Tensor | Sequence, batch_size: int) -> torch.Tensor:
+    """Group ids (an integer tensor or a sequence of hashables, e.g. verl's uid strings) -> int64 (B,) codes
+    0, 1, ... in order of first appearance.
+
+    Raises:
+        ValueError: wrong length or a missing (None) id.
+    """
+    if isinstance(group_ids, torch.Tensor):
+        if group_ids.dim() != 1 or group_ids.is_floating_point() or group_ids.dtype == torch.bool:
+            raise ValueError(
+                f"`group_ids` must be a 1-D integer tensor, got {group_ids.dtype} {tuple(group_ids.shape)}"
+            )
+        keys = group_ids.tolist()
+    else:
+        keys = list(group_ids)
+    if len(keys) != batch_size:
+        raise ValueError(f"`group_ids` has {len(keys)} entries, expected one per response ({batch_size})")
+    if any(key is None for key in keys):
+        raise ValueError("`group_ids` has a missing (None) group id; every response needs the id of its prompt")
+    first_seen: dict = {}
+    return torch.tensor([first_seen.setdefault(key, len(first_seen)) for key in keys], dtype=torch.long)
+
+
+def _check_scores(scores: object, batch_size: int) -> torch.Tensor:
+    scores = check_tensor(scores, "scores", ndim=1)
+    if scores.numel() != batch_size:
+        raise ValueError(f"`scores` has {scores.numel()} entries, expected one per response ({batch_size})")
+    check_finite(scores, "scores")
+    return scores
+
+
+def scvl_group_stats(
+    scores: torch.Tensor, group_ids: torch.Tensor | Sequence, *, threshold: float = 0.5
+) -> dict[str, int]:
+    """Counts of groups for the metrics: all, mixed (have a pair), all-positive and all-negative."""
+    scores = check_tensor(scores, "scores", ndim=1)
+    check_finite(scores, "scores")
+    codes = group_codes(group_ids, scores.numel())
+    n_groups = int(codes.max()) + 1 if codes.numel() else 0
+    positive = (scores.cpu() >= threshold).long()
+    n_pos = torch.zeros(n_groups, dtype=torch.long).index_add_(0, codes, positive)
+    n_all = torch.bincount(codes, minlength=n_groups)
+    return {
+        "groups": n_groups,
+        "groups_mixed": int(((n_pos > 0) & (n_pos < n_all)).sum()),
+        "groups_all_positive": int((n_pos == n_all).sum()),
+        "groups_all_negative": int((n_pos == 0).sum()),
+    }
+
+
+def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """A row's length is its last valid position + 1 (SPEC), int64 (B,)."""
+    T = mask.shape[1]
+    return T - mask.flip(1).int().argmax(dim=1)
+
+
+def _divergence(ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """d = first position where rows pos and neg differ or either has ended, int64 (P,); blocked over pairs."""
+    shortest = torch.minimum(lengths[pos], lengths[neg])
+    width = int(shortest.max()) if shortest.numel() else 0
+    out = torch.empty_like(pos)
+    block = max(1, _BLOCK_ELEMENTS // max(width, 1))
+    for start in range(0, pos.numel(), block):  # blocks of pairs bound the memory, not a loop per pair
+        p, n, s = pos[start : start + block], neg[start : start + block], shortest[start : start + block]
+        differ = ids[p, :width] != ids[n, :width]  # (P_block, width)
+        first = differ.to(torch.uint8).argmax(dim=1)
+        out[start : start + block] = torch.where(differ.any(dim=1), torch.minimum(first, s), s)
+    return out
+
+
+def scvl_pairs(
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    scores: torch.Tensor,
+    group_ids: torch.Tensor | Sequence,
+    *,
+    threshold: float = 0.5,
+    max_pairs: int = 16,
+) -> SCVLPairs:
+    """Positive/negative pairs inside each group and their divergence index.
+
+    A pair is kept only if d + 1 < both lengths (a state after the divergent token exists in both rows).
+    Per group at most `max_pairs`, the largest d first, ties by (positive, negative) index.
+
+    Args:
+        response_ids: integer (B, T).
+        response_mask: bool/int/float (B, T) of 0 and 1.
+        scores: float (B,), the outcome score of each response.
+        group_ids: (B,) integer tensor or a sequence of hashables: responses to one prompt share an id.
+        threshold: positive iff score >= threshold.
+        max_pairs: maximum pairs per group (>= 1).
+
+    Returns:
+        SCVLPairs(pos_index, neg_index, diverge_index), LongTensors (P,), ordered by group (first appearance),
+        d descending, then positive index, then negative index.
+
+    Raises:
+        TypeError, ValueError: naming the argument.
+    """
+    response_ids = check_tensor(response_ids, "response_ids", ndim=2)
+    mask = check_mask(response_mask)
+    check_same_shape(mask, "response_mask", response_ids.shape, "response_ids")
+    B = response_ids.shape[0]
+    scores = _check_scores(scores, B)
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ValueError(f"`max_pairs` must be an integer >= 1, got {max_pairs!r}")
+    device = response_ids.device
+    codes = group_codes(group_ids, B).to(device)
+
+    positive = scores.to(device) >= threshold
+    # candidates (i, j): same group, i positive, j negative; nonzero() lists them by (i, j) ascending
+    candidate = (codes[:, None] == codes[None, :]) & positive[:, None] & ~positive[None, :]
+    pos, neg = candidate.nonzero(as_tuple=True)
+    lengths = _row_lengths(mask)
+    d = _divergence(response_ids, lengths, pos, neg)
+    keep = (d + 1 < lengths[pos]) & (d + 1 < lengths[neg])
+    pos, neg, d = pos[keep], neg[keep], d[keep]
+
+    # order by (group, -d, i, j): stable sorts, least significant key first
+    order = torch.sort(-d, stable=True).indices
+    order = order[torch.sort(codes[pos[order]], stable=True).indices]
+    pos, neg, d = pos[order], neg[order], d[order]
+    # rank within the group; keep the first max_pairs
+    group = codes[pos]
+    first_of_group = torch.searchsorted(group, group)  # group is sorted
+    rank = torch.arange(group.numel(), device=device) - first_of_group
+    keep = rank < max_pairs
+    return SCVLPairs(pos[keep], neg[keep], d[keep])
+
+
+def _pair_values(values: torch.Tensor, rows: torch.Tensor, diverge_index: torch.Tensor) -> torch.Tensor:
+    """V[row, d + 1], (P,)."""
+    return values[rows, diverge_index + 1]
+
+
+def scvl_loss(
+    values: torch.Tensor,
+    pos_index: torch.Tensor,
+    neg_index: torch.Tensor,
+    diverge_index: torch.Tensor,
+    *,
+    margin: float,
+) -> torch.Tensor:
+    """mean over pairs of max(0, margin - (V[i, d+1] - V[j, d+1])); 0 (with a zero gradient) without pairs.
+
+    Args:
+        values: float (B, T), the critic's values (the local head with HVM on).
+        pos_index, neg_index, diverge_index: LongTensors (P,) from `scvl_pairs`.
+        margin: hinge margin.
+
+    Returns:
+        A scalar tensor.
+    """
+    values = check_tensor(values, "values", ndim=2)
+    hinge = torch.relu(
+        margin - (_pair_values(values, pos_index, diverge_index) - _pair_values(values, neg_index, diverge_index))
+    )
+    return hinge.sum() / max(hinge.numel(), 1)
+
+
+def scvl_split_loss(
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    diverge_index: torch.Tensor,
+    partner_values: torch.Tensor,
+    is_positive: torch.Tensor,
+    *,
+    margin: float,
+    num_pairs: int,
+) -> torch.Tensor:
+    """SCVL's split form: each side of a pair with its partner's rollout-time value held constant.
+
+        positive side: max(0, margin - (V_i[d+1] - V_j_old[d+1])) / P
+        negative side: max(0, margin - (V_i_old[d+1] - V_j[d+1])) / P
+
+    Args:
+        values: float (B, T), current values of the rows in this micro-batch.
+        rows: LongTensor (S,), the row of each pair side in `values`.
+        diverge_index: LongTensor (S,), d of the pair.
+        partner_values: float (S,), the partner's rollout-time V[partner, d+1].
+        is_positive: bool (S,), whether this side is the positive one.
+        margin: hinge margin.
+        num_pairs: P, the number of pairs in the whole batch (so sides summed over micro-batches give the mean).
+
+    Returns:
+        A scalar tensor: the sum over the sides given, divided by `num_pairs` (0 without sides).
+    """
+    own = _pair_values(values, rows, diverge_index)
+    partner = partner_values.to(own.dtype)
+    gap = torch.where(is_positive, own - partner, partner - own)  # V_pos - V_neg
+    return torch.relu(margin - gap).sum() / max(num_pairs, 1)

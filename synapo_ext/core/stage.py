@@ -1,0 +1,173 @@
+"""The whole SynAPO advantage stage in one call: what both host adapters run once per rollout batch.
+
+lambda_t            = EA-GAE lambda (or VAPO's length-adaptive one, or PPO's constant)
+advantages, targets = HVM over segments (or plain GAE with HVM off; critic targets use critic_lambda)
+SCVL pairs          = positive/negative pairs per group, with the rollout-time values at d + 1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SynAPOParams
+from .ea_gae import ea_gae_lambda
+from .gae import compute_gae
+from .hvm import hvm_advantages
+from .scvl import SCVLPairs, scvl_group_stats, scvl_pairs
+from .segments import segment_ids
+
+__all__ = ["SynAPOAdvantages", "actor_lambda", "compute_synapo_advantages"]
+
+
+@dataclass
+class SynAPOAdvantages:
+    """Outputs of the advantage stage; tensors are (B, T) unless said.
+
+    advantages: the actor's advantages (whitened if `whiten_advantages`).
+    returns: the critic's target (the local head's with HVM on).
+    lam: the actor's per-token lambda.
+    global_returns, start_mask, seg_ids: the global head's target, segment starts and ids (HVM on only).
+    scvl: SCVL pairs (P,) (SCVL on only); scvl_pos_values / scvl_neg_values: rollout-time V[i, d+1] and
+        V[j, d+1] (P,), the partner values of SCVL's split form.
+    metrics: floats for logging (`ea_gae/...`, `synapo/<part>/...`).
+    """
+
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    lam: torch.Tensor | float
+    global_returns: torch.Tensor | None = None
+    start_mask: torch.Tensor | None = None
+    seg_ids: torch.Tensor | None = None
+    scvl: SCVLPairs | None = None
+    scvl_pos_values: torch.Tensor | None = None
+    scvl_neg_values: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def actor_lambda(
+    params: SynAPOParams, response_mask: torch.Tensor, entropy: torch.Tensor | None
+) -> torch.Tensor | float:
+    """The actor's lambda: EA-GAE, VAPO's length-adaptive lambda (beta = 0), or PPO's constant."""
+    if not params.length_adaptive_lambda:
+        return params.gae_lambda
+    if params.ea_gae_enabled and entropy is None:
+        raise ValueError("`entropy` (rollout-time, per token) is needed with ea_gae_enabled=True")
+    return ea_gae_lambda(
+        response_mask,
+        entropy if params.ea_gae_enabled else None,
+        alpha=params.ea_gae_alpha,
+        beta=params.ea_gae_beta if params.ea_gae_enabled else 0.0,
+        lambda_min=params.ea_gae_lambda_min,
+        lambda_max=params.ea_gae_lambda_max,
+    )
+
+
+def _require(value: object, name: str, part: str) -> None:
+    if value is None:
+        raise ValueError(f"`{name}` is needed with {part}=True")
+
+
+def compute_synapo_advantages(
+    params: SynAPOParams,
+    *,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    global_values: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    response_ids: torch.Tensor | None = None,
+    boundary_table: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    group_ids: torch.Tensor | Sequence | None = None,
+) -> SynAPOAdvantages:
+    """Advantages, critic targets and SCVL pairs for one rollout batch.
+
+    Args:
+        params: the SynAPO parameters (a preset, see `params_from_preset`).
+        rewards: float (B, T), token-level rewards (outcome on the last valid token, plus any KL term).
+        values: float (B, T), rollout-time V(s_t): the single head, or the local head with HVM on.
+        response_mask: 0/1 (B, T).
+        global_values: float (B, T), the global head (HVM on).
+        entropy: float (B, T), rollout-policy entropy (EA-GAE on).
+        response_ids: integer (B, T) (HVM or SCVL on).
+        boundary_table: bool (V,) (HVM on), see `boundary_table_from_tokenizer`.
+        scores: float (B,), outcome scores (SCVL on).
+        group_ids: (B,) prompt ids (SCVL on).
+
+    Returns:
+        SynAPOAdvantages.
+    """
+    lam = actor_lambda(params, response_mask, entropy)
+    mask = response_mask.bool()
+    metrics: dict[str, float] = {}
+    if isinstance(lam, torch.Tensor):
+        valid_lam = lam[mask]
+        metrics.update(
+            {
+                "ea_gae/lambda_mean": float(valid_lam.mean()),
+                "ea_gae/lambda_min": float(valid_lam.min()),
+                "ea_gae/lambda_max": float(valid_lam.max()),
+            }
+        )
+    out: SynAPOAdvantages
+    if params.hvm_enabled:
+        _require(global_values, "global_values", "hvm_enabled")
+        _require(response_ids, "response_ids", "hvm_enabled")
+        _require(boundary_table, "boundary_table", "hvm_enabled")
+        seg = segment_ids(
+            response_ids,
+            response_mask,
+            boundary_table,
+            min_len=params.hvm_min_len,
+            max_len=params.hvm_max_len,
+            fallback_len=params.hvm_fallback_len,
+        )
+        hvm = hvm_advantages(
+            rewards,
+            values,
+            global_values,
+            response_mask,
+            seg,
+            gamma=params.gamma,
+            lam=lam,
+            global_lam=params.hvm_global_lambda,
+            global_weight=params.hvm_global_weight,
+            whiten=params.whiten_advantages,
+        )
+        out = SynAPOAdvantages(
+            hvm.advantages, hvm.local_returns, lam, hvm.global_returns, hvm.start_mask, seg, metrics=metrics
+        )
+        n_segments = hvm.start_mask.sum(dim=1).float()
+        metrics["synapo/hvm/segments_mean"] = float(n_segments.mean())
+    else:
+        advantages, returns = compute_gae(
+            rewards, values, response_mask, gamma=params.gamma, lam=lam, whiten=params.whiten_advantages
+        )
+        if isinstance(lam, torch.Tensor) or float(lam) != params.critic_lambda:
+            # VAPO's decoupled GAE: the critic's targets use their own lambda
+            _, returns = compute_gae(rewards, values, response_mask, gamma=params.gamma, lam=params.critic_lambda)
+        out = SynAPOAdvantages(advantages, returns, lam, metrics=metrics)
+
+    if params.scvl_enabled:
+        _require(response_ids, "response_ids", "scvl_enabled")
+        _require(scores, "scores", "scvl_enabled")
+        _require(group_ids, "group_ids", "scvl_enabled")
+        pairs = scvl_pairs(
+            response_ids,
+            response_mask,
+            scores,
+            group_ids,
+            threshold=params.scvl_threshold,
+            max_pairs=params.scvl_max_pairs,
+        )
+        out.scvl = pairs
+        out.scvl_pos_values = values[pairs.pos_index, pairs.diverge_index + 1].detach()
+        out.scvl_neg_values = values[pairs.neg_index, pairs.diverge_index + 1].detach()
+        stats = scvl_group_stats(scores, group_ids, threshold=params.scvl_threshold)
+        metrics["synapo/scvl/pairs"] = float(pairs.pos_index.numel())
+        metrics["synapo/scvl/groups_mixed"] = float(stats["groups_mixed"])
+        metrics["synapo/scvl/groups_skipped"] = float(stats["groups"] - stats["groups_mixed"])
+    return out
