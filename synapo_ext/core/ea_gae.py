@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import backend
 from ._checks import check_finite, check_mask, check_same_shape, check_tensor, float_dtype
 
 __all__ = ["EA_GAE_EPS", "ea_gae_lambda"]
@@ -48,12 +49,18 @@ def ea_gae_lambda(
     if not 0.0 <= lambda_min <= lambda_max <= 1.0:
         raise ValueError(f"need 0 <= `lambda_min` <= `lambda_max` <= 1, got {lambda_min} and {lambda_max}")
     dtype = float_dtype(entropy)
-    lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # l_b, (B, 1)
-    scale = alpha * lengths
     if entropy is not None:
         entropy = check_tensor(entropy, "entropy", ndim=2)
         check_same_shape(entropy, "entropy", mask.shape, "response_mask")
         check_finite(entropy, "entropy")
+    kernels = backend.kernels(mask, entropy)
+    if kernels is not None:
+        return backend.numba_ea_gae_lambda(
+            kernels, mask, entropy, alpha, beta, EA_GAE_EPS, lambda_min, lambda_max, dtype
+        )
+    lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # l_b, (B, 1)
+    scale = alpha * lengths
+    if entropy is not None:
         # alpha * l * max(1 + beta * H, eps)
         scale = scale * (1.0 + beta * entropy.to(dtype)).clamp_min(EA_GAE_EPS)
     lam = (1.0 - scale.reciprocal()).clamp(lambda_min, lambda_max)

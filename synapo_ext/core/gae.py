@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import backend
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
 from .scan import reverse_linear_scan
@@ -50,9 +51,13 @@ def check_lambda(lam: float | torch.Tensor, name: str, shape: torch.Size, mask: 
         return check_probability(lam, name)
     check_same_shape(lam, name, shape, "rewards")
     check_finite(lam, name)
-    valid = lam[mask]
-    if valid.numel() and not bool(((valid >= 0) & (valid <= 1)).all()):
-        raise ValueError(f"`{name}` must be in [0, 1] at valid tokens, got values in [{valid.min()}, {valid.max()}]")
+    low, high = torch.aminmax(lam)
+    if low < 0 or high > 1:  # masked positions may hold anything finite: look at the valid ones only
+        valid = lam[mask]
+        if not bool(((valid >= 0) & (valid <= 1)).all()):
+            raise ValueError(
+                f"`{name}` must be in [0, 1] at valid tokens, got values in [{valid.min()}, {valid.max()}]"
+            )
     return lam
 
 
@@ -92,6 +97,13 @@ def compute_gae(
     lam = check_lambda(lam, "lam", rewards.shape, mask)
 
     dtype = float_dtype(rewards, values, lam if isinstance(lam, torch.Tensor) else None)
+    kernels = backend.kernels(rewards, values)
+    if kernels is not None:
+        advantages, returns = backend.numba_gae(kernels, rewards, values, mask, lam, gamma, dtype)
+        if whiten:
+            backend.numba_whiten_(kernels, advantages, mask)
+        return advantages, returns
+
     layout = Compactor(mask)
     r = layout.compact(rewards.to(dtype))
     v = layout.compact(values.to(dtype))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import backend
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
 from .gae import check_lambda, masked_whiten, next_token_values
@@ -107,6 +108,15 @@ def hvm_advantages(
         raise TypeError(f"`global_weight` must be a float, got {type(global_weight).__name__}")
 
     dtype = float_dtype(rewards, local_values, global_values, lam if isinstance(lam, torch.Tensor) else None)
+    kernels = backend.kernels(rewards, local_values, global_values)
+    if kernels is not None:
+        advantages, local_returns, global_returns, start_mask = backend.numba_hvm(
+            kernels, rewards, local_values, global_values, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype
+        )
+        if whiten:
+            backend.numba_whiten_(kernels, advantages, mask)
+        return HVMResult(advantages, local_returns, global_returns, start_mask)
+
     layout = Compactor(mask)
     valid = layout.mask
     r = torch.where(valid, layout.compact(rewards.to(dtype)), 0.0)

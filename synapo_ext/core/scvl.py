@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import backend
 from ._checks import check_finite, check_mask, check_same_shape, check_tensor
 
 __all__ = ["SCVLPairs", "group_codes", "scvl_group_stats", "scvl_loss", "scvl_pairs", "scvl_split_loss"]
@@ -85,6 +86,9 @@ def scvl_group_stats(
 
 def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
     """A row's length is its last valid position + 1 (SPEC), int64 (B,)."""
+    kernels = backend.kernels(mask)
+    if kernels is not None:
+        return backend.numba_row_lengths(kernels, mask)[1]
     T = mask.shape[1]
     return T - mask.flip(1).int().argmax(dim=1)
 
@@ -92,6 +96,9 @@ def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
 def _divergence(ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """d = first position where rows pos and neg differ or either has ended, int64 (P,); blocked over pairs."""
     shortest = torch.minimum(lengths[pos], lengths[neg])
+    kernels = backend.kernels(ids)
+    if kernels is not None:
+        return backend.numba_divergence(kernels, ids, pos, neg, shortest)
     width = int(shortest.max()) if shortest.numel() else 0
     out = torch.empty_like(pos)
     block = max(1, _BLOCK_ELEMENTS // max(width, 1))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import backend
 from ._checks import check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
 
@@ -96,12 +97,18 @@ def segment_ids(
     for name, value in (("min_len", min_len), ("max_len", max_len), ("fallback_len", fallback_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    valid_ids = response_ids[mask]
-    if int(valid_ids.min()) < 0 or int(valid_ids.max()) >= boundary_table.numel():
+    low, high = (int(x) for x in torch.aminmax(response_ids))
+    if low < 0 or high >= boundary_table.numel():  # padding may hold anything: look at the valid ids only
+        valid_ids = response_ids[mask]
+        low, high = int(valid_ids.min()), int(valid_ids.max())
+    if low < 0 or high >= boundary_table.numel():
         raise ValueError(
-            f"`response_ids` holds ids in [{int(valid_ids.min())}, {int(valid_ids.max())}] but `boundary_table` "
-            f"covers [0, {boundary_table.numel()})"
+            f"`response_ids` holds ids in [{low}, {high}] but `boundary_table` covers [0, {boundary_table.numel()})"
         )
+
+    kernels = backend.kernels(response_ids, mask)
+    if kernels is not None:
+        return backend.numba_segment_ids(kernels, response_ids, mask, boundary_table, min_len, max_len, fallback_len)
 
     layout = Compactor(mask)
     valid = layout.mask

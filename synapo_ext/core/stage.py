@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import backend
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
 from .gae import compute_gae
@@ -101,17 +102,11 @@ def compute_synapo_advantages(
         SynAPOAdvantages.
     """
     lam = actor_lambda(params, response_mask, entropy)
-    mask = response_mask.bool()
+    mask = response_mask != 0
     metrics: dict[str, float] = {}
     if isinstance(lam, torch.Tensor):
-        valid_lam = lam[mask]
-        metrics.update(
-            {
-                "ea_gae/lambda_mean": float(valid_lam.mean()),
-                "ea_gae/lambda_min": float(valid_lam.min()),
-                "ea_gae/lambda_max": float(valid_lam.max()),
-            }
-        )
+        lam_mean, lam_min, lam_max = backend.masked_stats(lam, mask)
+        metrics.update({"ea_gae/lambda_mean": lam_mean, "ea_gae/lambda_min": lam_min, "ea_gae/lambda_max": lam_max})
     out: SynAPOAdvantages
     if params.hvm_enabled:
         _require(global_values, "global_values", "hvm_enabled")

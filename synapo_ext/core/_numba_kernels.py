@@ -1,0 +1,236 @@
+"""Compiled CPU kernels (numba): one pass per row over the (B, T) arrays, rows in parallel.
+
+Imported only by `backend.py`, and only when numba is installed (`pip install synapo-ext[fast]`).
+Each kernel is the plain per-token loop of a formula in SPEC, run over the original layout: masked
+tokens carry the running quantities through unchanged (verl's carry rule), so interior zeros need
+no compaction. Accumulators are float64 whatever the array dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_OPTS = {"parallel": True, "cache": True, "nogil": True}
+
+
+@njit(**_OPTS)
+def row_lengths(mask, lengths, last_plus_one):
+    """Per row: number of valid tokens and (last valid position + 1)."""
+    B, T = mask.shape
+    for b in prange(B):
+        count = 0
+        last = 0
+        for t in range(T):
+            if mask[b, t]:
+                count += 1
+                last = t + 1
+        lengths[b] = count
+        last_plus_one[b] = last
+
+
+@njit(**_OPTS)
+def ea_gae_lambda_rows(mask, entropy, has_entropy, alpha, beta, eps, lambda_min, lambda_max, out):
+    """lambda = clip(1 - 1 / (alpha * l * max(1 + beta * H, eps)), lambda_min, lambda_max)."""
+    B, T = mask.shape
+    for b in prange(B):
+        length = 0
+        for t in range(T):
+            if mask[b, t]:
+                length += 1
+        for t in range(T):
+            factor = 1.0
+            if has_entropy:
+                factor = max(1.0 + beta * entropy[b, t], eps)
+            lam = 1.0 - 1.0 / (alpha * length * factor)
+            out[b, t] = min(max(lam, lambda_min), lambda_max)
+
+
+@njit(**_OPTS)
+def gae_rows(rewards, values, mask, lam, per_token_lam, gamma, advantages, returns):
+    """delta_t = r_t + gamma V_next - V_t;  A_t = delta_t + gamma lambda_t A_next;  G_t = A_t + V_t."""
+    B, T = rewards.shape
+    for b in prange(B):
+        next_value = 0.0
+        running = 0.0
+        for t in range(T - 1, -1, -1):
+            if mask[b, t]:
+                lam_t = lam[b, t] if per_token_lam else lam[0, 0]
+                delta = rewards[b, t] + gamma * next_value - values[b, t]
+                running = delta + gamma * lam_t * running
+                next_value = values[b, t]
+            advantages[b, t] = running
+            returns[b, t] = running + values[b, t]
+
+
+@njit(**_OPTS)
+def masked_row_sums(x, mask, center, sums, counts):
+    """Per row: sum over valid tokens of (x - center) and of (x - center)^2, and the count."""
+    B, T = x.shape
+    for b in prange(B):
+        s1 = 0.0
+        s2 = 0.0
+        n = 0
+        for t in range(T):
+            if mask[b, t]:
+                d = x[b, t] - center
+                s1 += d
+                s2 += d * d
+                n += 1
+        sums[b, 0] = s1
+        sums[b, 1] = s2
+        counts[b] = n
+
+
+@njit(**_OPTS)
+def segment_rows(ids, mask, table, min_len, max_len, fallback_len, out):
+    """Segment ids in one forward pass per row (see segments.py for the rules).
+
+    Greedy min_len in one pass: a raw end at valid index i closes the segment iff it is the row's last token,
+    or the segment holds >= min_len tokens and the tokens left after it (n - 1 - i) are >= min_len (a shorter
+    tail would merge back into this segment). max_len cuts every max_len tokens from the segment's start.
+    """
+    B, T = ids.shape
+    for b in prange(B):
+        n = 0
+        has_delimiter = False
+        for t in range(T):
+            if mask[b, t]:
+                n += 1
+                if table[ids[b, t]]:
+                    has_delimiter = True
+        seg = 0
+        i = 0  # valid-token index
+        seg_len = 0  # tokens in the current (merged) segment so far, this one included
+        for t in range(T):
+            out[b, t] = seg
+            if not mask[b, t]:
+                continue
+            seg_len += 1
+            if has_delimiter:
+                raw_end = table[ids[b, t]]
+            else:
+                raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
+            end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
+            piece_end = max_len > 0 and seg_len % max_len == 0
+            if (end or piece_end) and i < n - 1:
+                seg += 1
+            if end:
+                seg_len = 0
+            i += 1
+
+
+@njit(**_OPTS)
+def hvm_rows(
+    rewards,
+    local_values,
+    global_values,
+    mask,
+    seg_ids,
+    lam,
+    per_token_lam,
+    gamma,
+    global_lam,
+    global_weight,
+    advantages,
+    local_returns,
+    global_returns,
+    start_mask,
+):
+    """HVM per row: mark segment starts, one backward pass (local GAE, targets, GAE over segments), one
+    forward pass broadcasting the segment-level results to the segment's tokens."""
+    B, T = rewards.shape
+    for b in prange(B):
+        have_prev = False
+        prev_seg = 0
+        for t in range(T):
+            start_mask[b, t] = False
+            if mask[b, t]:
+                start_mask[b, t] = (not have_prev) or seg_ids[b, t] != prev_seg
+                prev_seg = seg_ids[b, t]
+                have_prev = True
+
+        segment_advantage = np.zeros(T)  # AG_k, stored at s_k
+        have_next = False
+        next_seg = 0
+        next_local = 0.0  # V_loc of the next valid token
+        next_global = 0.0  # g_{k+1}: V_glob at the next segment's start, 0 after the last segment
+        running = 0.0  # AL
+        local_return = 0.0  # LR
+        mc_return = 0.0  # Monte-Carlo return
+        discount = 1.0  # gamma^(e_k - t + 1)
+        next_segment_advantage = 0.0  # AG_{k+1}
+        for t in range(T - 1, -1, -1):
+            if not mask[b, t]:
+                continue
+            r = rewards[b, t]
+            lam_t = lam[b, t] if per_token_lam else lam[0, 0]
+            if (not have_next) or seg_ids[b, t] != next_seg:  # t = e_k: bootstrap from g_{k+1}, restart
+                running = r + gamma * next_global - local_values[b, t]
+                local_return = r + gamma * next_global
+                discount = gamma
+            else:
+                running = r + gamma * next_local - local_values[b, t] + gamma * lam_t * running
+                local_return = r + gamma * local_return
+                discount *= gamma
+            mc_return = r + gamma * mc_return
+            advantages[b, t] = running
+            local_returns[b, t] = local_return
+            if start_mask[b, t]:  # t = s_k: AG_k = (LR_{s_k} - g_k) + gamma^n_k * global_lam * AG_{k+1}
+                g = global_values[b, t]
+                next_segment_advantage = local_return - g + discount * global_lam * next_segment_advantage
+                segment_advantage[t] = next_segment_advantage
+                global_returns[b, t] = mc_return
+                next_global = g
+            next_local = local_values[b, t]
+            next_seg = seg_ids[b, t]
+            have_next = True
+
+        current_advantage = 0.0
+        current_return = 0.0
+        for t in range(T):
+            if mask[b, t]:
+                if start_mask[b, t]:
+                    current_advantage = segment_advantage[t]
+                    current_return = global_returns[b, t]
+                advantages[b, t] += global_weight * current_advantage
+                global_returns[b, t] = current_return
+            else:
+                advantages[b, t] = 0.0
+                local_returns[b, t] = 0.0
+                global_returns[b, t] = 0.0
+
+
+@njit(**_OPTS)
+def divergence(ids, pos, neg, shortest, out):
+    """d = first position where rows pos[p] and neg[p] differ, or shortest[p] if none before it."""
+    for p in prange(pos.shape[0]):
+        i = pos[p]
+        j = neg[p]
+        d = shortest[p]
+        for t in range(shortest[p]):
+            if ids[i, t] != ids[j, t]:
+                d = t
+                break
+        out[p] = d
+
+
+@njit(**_OPTS)
+def masked_row_stats(x, mask, out):
+    """Per row over valid tokens: sum, min, max, count."""
+    B, T = x.shape
+    for b in prange(B):
+        s = 0.0
+        lo = np.inf
+        hi = -np.inf
+        n = 0
+        for t in range(T):
+            if mask[b, t]:
+                s += x[b, t]
+                lo = min(lo, x[b, t])
+                hi = max(hi, x[b, t])
+                n += 1
+        out[b, 0] = s
+        out[b, 1] = lo
+        out[b, 2] = hi
+        out[b, 3] = n

@@ -1,0 +1,178 @@
+"""Which implementation runs: compiled numba kernels on CPU when installed, else the pure-torch path.
+
+Both are exact implementations of the same formulas and are tested against the same float64 reference.
+Choose with the environment variable `SYNAPO_EXT_BACKEND` (`auto`, `torch`, `numba`) or `use_backend(...)`:
+`auto` (default) takes numba for CPU tensors when it imports, torch otherwise (GPU tensors always use torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "current_backend", "numba_available", "use_backend"]
+
+BACKENDS = ("auto", "torch", "numba")
+_override: str | None = None
+_kernels: ModuleType | None = None
+
+
+def numba_available() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def current_backend() -> str:
+    name = _override or os.environ.get("SYNAPO_EXT_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"`SYNAPO_EXT_BACKEND` must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the block with backend `name` (`auto`, `torch` or `numba`)."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"`name` must be one of {BACKENDS}, got {name!r}")
+    if name == "numba" and not numba_available():
+        raise ImportError("the numba backend needs numba: pip install 'synapo-ext[fast]'")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def kernels(*tensors: torch.Tensor | None) -> ModuleType | None:
+    """The numba kernel module if it should run on these tensors, else None (use the torch path)."""
+    global _kernels
+    name = current_backend()
+    if name == "torch" or any(t is not None and t.device.type != "cpu" for t in tensors):
+        if name == "numba":
+            raise ValueError("the numba backend runs on CPU tensors only")
+        return None
+    if name == "auto" and not numba_available():
+        return None
+    if _kernels is None:
+        from . import _numba_kernels
+
+        _kernels = _numba_kernels
+    return _kernels
+
+
+def as_numpy(x: torch.Tensor):
+    """A contiguous CPU tensor's memory as a numpy array (no copy when already contiguous)."""
+    return x.detach().contiguous().numpy()
+
+
+# Tensor-level wrappers around the kernels: allocate outputs, pass numpy views, return tensors.
+
+
+def _lam_array(lam: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    if isinstance(lam, torch.Tensor):
+        return lam.to(dtype).contiguous(), True
+    return torch.full((1, 1), float(lam), dtype=dtype), False
+
+
+def numba_gae(
+    k: ModuleType, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam, gamma: float, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    advantages = torch.empty(rewards.shape, dtype=dtype)
+    returns = torch.empty_like(advantages)
+    lam_t, per_token = _lam_array(lam, dtype)
+    k.gae_rows(
+        as_numpy(rewards.to(dtype)),
+        as_numpy(values.to(dtype)),
+        as_numpy(mask),
+        as_numpy(lam_t),
+        per_token,
+        gamma,
+        as_numpy(advantages),
+        as_numpy(returns),
+    )
+    return advantages, returns
+
+
+def numba_whiten_(k: ModuleType, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """In place: (x - mean) * rsqrt(var + 1e-8) over valid tokens (two passes: mean, then centred squares)."""
+    sums = torch.empty(x.shape[0], 2, dtype=torch.float64)
+    counts = torch.empty(x.shape[0], dtype=torch.int64)
+    k.masked_row_sums(as_numpy(x), as_numpy(mask), 0.0, as_numpy(sums), as_numpy(counts))
+    count = int(counts.sum())
+    if count < 2:
+        raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {count}")
+    mean = float(sums[:, 0].sum()) / count
+    k.masked_row_sums(as_numpy(x), as_numpy(mask), mean, as_numpy(sums), as_numpy(counts))
+    var = float(sums[:, 1].sum()) / (count - 1)
+    return x.sub_(mean).mul_((var + 1e-8) ** -0.5)
+
+
+def numba_ea_gae_lambda(k: ModuleType, mask, entropy, alpha, beta, eps, lambda_min, lambda_max, dtype) -> torch.Tensor:
+    out = torch.empty(mask.shape, dtype=dtype)
+    has_entropy = entropy is not None
+    entropy_t = entropy.to(dtype) if has_entropy else torch.zeros(1, 1, dtype=dtype)
+    k.ea_gae_lambda_rows(
+        as_numpy(mask), as_numpy(entropy_t), has_entropy, alpha, beta, eps, lambda_min, lambda_max, as_numpy(out)
+    )
+    return out
+
+
+def numba_segment_ids(k: ModuleType, ids, mask, table, min_len, max_len, fallback_len) -> torch.Tensor:
+    out = torch.empty(ids.shape, dtype=torch.long)
+    k.segment_rows(
+        as_numpy(ids.long()), as_numpy(mask), as_numpy(table), min_len, max_len or 0, fallback_len or 0, as_numpy(out)
+    )
+    return out
+
+
+def numba_hvm(k: ModuleType, r, v_loc, v_glob, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype):
+    advantages, local_returns, global_returns = (torch.empty(r.shape, dtype=dtype) for _ in range(3))
+    start_mask = torch.empty(r.shape, dtype=torch.bool)
+    lam_t, per_token = _lam_array(lam, dtype)
+    k.hvm_rows(
+        as_numpy(r.to(dtype)),
+        as_numpy(v_loc.to(dtype)),
+        as_numpy(v_glob.to(dtype)),
+        as_numpy(mask),
+        as_numpy(seg_ids.long()),
+        as_numpy(lam_t),
+        per_token,
+        gamma,
+        global_lam,
+        float(global_weight),
+        as_numpy(advantages),
+        as_numpy(local_returns),
+        as_numpy(global_returns),
+        as_numpy(start_mask),
+    )
+    return advantages, local_returns, global_returns, start_mask
+
+
+def numba_row_lengths(k: ModuleType, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number of valid tokens, last valid position + 1), int64 (B,) each."""
+    lengths = torch.empty(mask.shape[0], dtype=torch.long)
+    last_plus_one = torch.empty_like(lengths)
+    k.row_lengths(as_numpy(mask), as_numpy(lengths), as_numpy(last_plus_one))
+    return lengths, last_plus_one
+
+
+def numba_divergence(k: ModuleType, ids, pos, neg, shortest) -> torch.Tensor:
+    out = torch.empty_like(pos)
+    k.divergence(as_numpy(ids), as_numpy(pos), as_numpy(neg), as_numpy(shortest), as_numpy(out))
+    return out
+
+
+def masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """(mean, min, max) of `x` over the valid tokens of a bool `mask` (at least one)."""
+    k = kernels(x)
+    if k is None:
+        valid = x[mask]
+        return float(valid.mean()), float(valid.min()), float(valid.max())
+    stats = torch.empty(x.shape[0], 4, dtype=torch.float64)
+    k.masked_row_stats(as_numpy(x), as_numpy(mask), as_numpy(stats))
+    return float(stats[:, 0].sum() / stats[:, 3].sum()), float(stats[:, 1].min()), float(stats[:, 2].max())
