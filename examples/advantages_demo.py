@@ -93,7 +93,7 @@ def main(args: Args) -> None:
             print(f"  segment {k}: mean A {adv.mean():+.3f}  [{' '.join(f'{a:+.2f}' for a in adv.tolist())}]  {words}")
     if out.scvl is not None:
         print("\nSCVL pairs (positive, negative, divergence index):")
-        for i, j, d in zip(*(x.tolist() for x in out.scvl)):
+        for i, j, d in zip(*(x.tolist() for x in out.scvl), strict=True):
             print(f"  ({i}, {j}) diverge at token {d} ({vocab[ids[i, d]]!r} vs {vocab[ids[j, d]]!r})")
     print("\nmetrics:", {k: round(v, 4) for k, v in out.metrics.items()})
 

@@ -56,12 +56,12 @@ def test_numba_matches_torch(seed):
     lam_n, seg_n, gae_n, hvm_n, pairs_n = actual
     torch.testing.assert_close(lam_n[valid], lam_t[valid])
     assert torch.equal(seg_n[valid], seg_t[valid])
-    for a, b in zip(gae_n, gae_t):
+    for a, b in zip(gae_n, gae_t, strict=True):
         torch.testing.assert_close(a[valid], b[valid], atol=2e-6, rtol=0)
-    for a, b in zip(hvm_n[:3], hvm_t[:3]):
+    for a, b in zip(hvm_n[:3], hvm_t[:3], strict=True):
         torch.testing.assert_close(a[valid], b[valid], atol=2e-6, rtol=0)
     assert torch.equal(hvm_n.start_mask, hvm_t.start_mask)
-    assert all(torch.equal(a, b) for a, b in zip(pairs_n, pairs_t))
+    assert all(torch.equal(a, b) for a, b in zip(pairs_n, pairs_t, strict=True))
 
 
 def test_backend_switch():

@@ -69,7 +69,7 @@ def test_stage_equals_the_api_calls(preset, gen):
     torch.testing.assert_close(out.returns[mask], expected_ret[mask])
     if p.scvl_enabled:
         pairs = scvl_pairs(x["response_ids"], mask, x["scores"], x["group_ids"])
-        assert all(torch.equal(a, b) for a, b in zip(out.scvl, pairs))
+        assert all(torch.equal(a, b) for a, b in zip(out.scvl, pairs, strict=True))
         torch.testing.assert_close(out.scvl_pos_values, x["values"][pairs.pos_index, pairs.diverge_index + 1])
         assert out.metrics["synapo/scvl/pairs"] == pairs.pos_index.numel()
     else:
