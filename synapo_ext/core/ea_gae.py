@@ -48,11 +48,11 @@ def ea_gae_lambda(
         raise ValueError(f"`alpha` must be > 0, got {alpha}")
     if not 0.0 <= lambda_min <= lambda_max <= 1.0:
         raise ValueError(f"need 0 <= `lambda_min` <= `lambda_max` <= 1, got {lambda_min} and {lambda_max}")
-    dtype = float_dtype(entropy)
     if entropy is not None:
         entropy = check_tensor(entropy, "entropy", ndim=2)
         check_same_shape(entropy, "entropy", mask.shape, "response_mask")
         check_finite(entropy, "entropy")
+    dtype = float_dtype(entropy)
     kernels = backend.kernels(mask, entropy)
     if kernels is not None:
         return backend.numba_ea_gae_lambda(

@@ -108,6 +108,8 @@ def compute_gae(
     r = layout.compact(rewards.to(dtype))
     v = layout.compact(values.to(dtype))
     decay = gamma * (layout.compact(lam.to(dtype)) if isinstance(lam, torch.Tensor) else lam)
+    if isinstance(decay, torch.Tensor):  # lambda past a row's end may be anything finite: keep the scan at 0 there
+        decay = torch.where(layout.mask, decay, 0.0)
 
     # delta_t = r_t + gamma * V_{t+1} - V_t on valid tokens, 0 past the end (so A stays 0 there)
     deltas = torch.where(layout.mask, r + gamma * next_token_values(v, layout.mask) - v, 0.0)

@@ -124,7 +124,7 @@ def hvm_advantages(
     v_glob = layout.compact(global_values.to(dtype))
     lam_t = layout.compact(lam.to(dtype)) if isinstance(lam, torch.Tensor) else lam
     is_start, is_end = segment_bounds(layout.compact(seg_ids), valid)
-    inside = (~is_end).to(dtype)  # 0 at segment ends: the local recursions restart there
+    inside = (valid & ~is_end).to(dtype)  # 0 at segment ends (the local recursions restart) and past the row
 
     # bootstrap: V_loc[t+1] inside a segment, g_{k+1} = V_glob[s_{k+1}] at e_k (0 after the last segment)
     bootstrap = torch.where(is_end, next_token_values(v_glob, valid), next_token_values(v_loc, valid))
@@ -135,10 +135,10 @@ def hvm_advantages(
     local_returns = reverse_linear_scan(inside * gamma, r + torch.where(is_end, gamma * bootstrap, 0.0))
 
     # gamma^n_k at s_k: D_t = gamma * D_{t+1} inside a segment, D_{e_k} = gamma  (so D_t = gamma^(e_k - t + 1))
-    discount = 1.0 if gamma == 1.0 else reverse_linear_scan(inside * gamma, torch.where(is_end, gamma, 0.0))
+    discount = reverse_linear_scan(inside * gamma, is_end.to(dtype) * gamma) if gamma != 1.0 else torch.ones_like(r)
     # global: AG_k = (LR_{s_k} - g_k) + gamma^n_k * global_lam * AG_{k+1}; other tokens carry AG through
     global_deltas = torch.where(is_start, local_returns - v_glob, 0.0)
-    global_decay = torch.where(is_start, discount * global_lam, 1.0)
+    global_decay = torch.where(is_start, discount * global_lam, torch.ones_like(r))
     global_advantages = reverse_linear_scan(global_decay, global_deltas)
     # global target: Monte-Carlo return from s_k, G_t = r_t + gamma * G_{t+1}
     mc_returns = reverse_linear_scan(gamma, r)
