@@ -1,0 +1,135 @@
+"""`SynAPOConfig`: TRL's `GRPOConfig` plus SynAPO's parameters (the core's `SynAPOParams`) and critic settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ..core import PRESETS, SynAPOParams, params_from_preset
+
+__all__ = ["PRESET_FIELDS", "SynAPOConfig"]
+
+# Fields a preset sets: `None` here means "take the preset's value" (clip_ratio_* map to TRL's epsilon_*).
+PRESET_FIELDS = (
+    "length_adaptive_lambda",
+    "critic_lambda",
+    "ea_gae_enabled",
+    "hvm_enabled",
+    "scvl_enabled",
+    "value_warmup_steps",
+    "positive_lm_coef",
+)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _from_preset(text: str) -> dict[str, str]:
+    return {"help": f"{text} Default: the preset's value."}
+
+
+@dataclass
+class SynAPOConfig(GRPOConfig, SynAPOParams):
+    r"""
+    Configuration class for [`SynAPOTrainer`]: every [`GRPOConfig`] argument plus SynAPO's.
+
+    SynAPO's parameters are the core's `SynAPOParams` fields, with the same names and defaults (see
+    `synapo_ext.core.SynAPOParams` for each one). A `preset` fills the fields it controls; any of them given explicitly
+    wins over the preset. Clip-higher is TRL's own `epsilon` / `epsilon_high` (`epsilon_high` defaults to the preset's
+    `clip_ratio_high`: 0.28 for VAPO and SynAPO) and the token-level loss is TRL's `loss_type="dapo"` (the default).
+
+    Parameters:
+        > Parameters that select the method
+
+        preset (`str`, *optional*, defaults to `"synapo"`):
+            One of `ppo`, `vapo`, `synapo`, `synapo-no-hvm`, `synapo-no-scvl`, `synapo-no-eagae`. It sets
+            `length_adaptive_lambda`, `critic_lambda`, `ea_gae_enabled`, `hvm_enabled`, `scvl_enabled`,
+            `value_warmup_steps`, `positive_lm_coef` (those left at `None`) and `epsilon_high` (if `None`).
+
+        > Parameters that control the critic
+
+        critic_model_name_or_path (`str`, *optional*):
+            Path or hub id of a token-classification critic. `None` (and no `critic_model` passed to the trainer):
+            the critic is initialised from the policy's weights with a fresh value head.
+        critic_learning_rate (`float`, *optional*, defaults to `1e-5`):
+            Learning rate of the critic's AdamW.
+        critic_weight_decay (`float`, *optional*, defaults to `0.0`):
+            Weight decay of the critic's AdamW.
+        critic_lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):
+            `transformers.get_scheduler` name for the critic (`constant`, `linear`, `cosine`, ...).
+        critic_epochs (`int`, *optional*, defaults to `1`):
+            Passes over each rollout batch for the critic.
+        critic_mini_batch_size (`int`, *optional*):
+            Rows per critic optimizer step (per process). Defaults to `per_device_train_batch_size`.
+        critic_max_grad_norm (`float`, *optional*, defaults to `1.0`):
+            Gradient clipping of the critic (`0` or `None`: off).
+        cliprange_value (`float`, *optional*, defaults to `0.5`):
+            PPO value clipping around the rollout-time values (`None`: off).
+
+        > SynAPO's own parameters (`synapo_ext.core.SynAPOParams`)
+
+        gamma, gae_lambda, critic_lambda, whiten_advantages, length_adaptive_lambda, ea_gae_enabled, ea_gae_alpha,
+        ea_gae_beta, ea_gae_lambda_min, ea_gae_lambda_max, hvm_enabled, hvm_global_lambda, hvm_global_weight,
+        hvm_delimiters, hvm_min_len, hvm_max_len, hvm_fallback_len, scvl_enabled, scvl_threshold, scvl_margin,
+        scvl_weight, scvl_max_pairs, value_warmup_steps (rollout batches that train only the critic before the policy
+        moves), positive_lm_coef: as in the core. `clip_ratio_low` / `clip_ratio_high` are computed in runtime
+        from `epsilon` / `epsilon_high`.
+    """
+
+    preset: str = field(default="synapo", metadata=_help(f"SynAPO preset, one of {sorted(PRESETS)}."))
+    # Preset-controlled SynAPOParams fields (None: the preset's value)
+    length_adaptive_lambda: bool | None = field(default=None, metadata=_from_preset("VAPO's length-adaptive lambda."))
+    critic_lambda: float | None = field(default=None, metadata=_from_preset("Lambda of the critic targets."))
+    ea_gae_enabled: bool | None = field(default=None, metadata=_from_preset("Entropy-aware lambda (EA-GAE)."))
+    hvm_enabled: bool | None = field(default=None, metadata=_from_preset("Two-head critic over segments (HVM)."))
+    scvl_enabled: bool | None = field(default=None, metadata=_from_preset("Contrastive critic loss (SCVL)."))
+    value_warmup_steps: int | None = field(
+        default=None, metadata=_from_preset("Rollout batches that train only the critic before the policy moves.")
+    )
+    positive_lm_coef: float | None = field(default=None, metadata=_from_preset("NLL weight on correct responses."))
+    clip_ratio_low: float = field(default=0.2, init=False, metadata=_help("Computed in runtime: `epsilon`."))
+    clip_ratio_high: float = field(default=0.28, init=False, metadata=_help("Computed in runtime: `epsilon_high`."))
+    # Critic
+    critic_model_name_or_path: str | None = field(
+        default=None, metadata=_help("Token-classification critic to load; None: initialise from the policy.")
+    )
+    critic_learning_rate: float = field(default=1e-5, metadata=_help("Learning rate of the critic's AdamW."))
+    critic_weight_decay: float = field(default=0.0, metadata=_help("Weight decay of the critic's AdamW."))
+    critic_lr_scheduler_type: str = field(default="constant", metadata=_help("Critic LR scheduler name."))
+    critic_epochs: int = field(default=1, metadata=_help("Critic passes over each rollout batch."))
+    critic_mini_batch_size: int | None = field(
+        default=None, metadata=_help("Rows per critic step (per process); default per_device_train_batch_size.")
+    )
+    critic_max_grad_norm: float | None = field(default=1.0, metadata=_help("Critic gradient clipping (0: off)."))
+    cliprange_value: float | None = field(default=0.5, metadata=_help("PPO value clip range (None: off)."))
+
+    def __post_init__(self):
+        preset = params_from_preset(self.preset)  # raises naming `preset`
+        for name in PRESET_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
+        if self.epsilon_high is None:
+            self.epsilon_high = preset.clip_ratio_high
+        self.clip_ratio_low, self.clip_ratio_high = self.epsilon, self.epsilon_high
+        if self.scvl_enabled and self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"`num_generations` must be >= 2 with SCVL on (pairs come from one prompt's responses), got "
+                f"{self.num_generations}; raise it or set scvl_enabled=False"
+            )
+        super().__post_init__()
+        self.validate()  # SynAPOParams' checks, each naming its field
+        for name in ("critic_epochs", "critic_mini_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if not self.critic_learning_rate > 0:
+            raise ValueError(f"`critic_learning_rate` must be > 0, got {self.critic_learning_rate}")
+        if self.cliprange_value is not None and not self.cliprange_value > 0:
+            raise ValueError(f"`cliprange_value` must be > 0 or None, got {self.cliprange_value}")
+
+    def synapo_params(self) -> SynAPOParams:
+        """The core's parameters (a plain `SynAPOParams`) as this config resolves them."""
+        return SynAPOParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SynAPOParams)})

@@ -1,0 +1,90 @@
+"""SynAPOConfig: presets, overrides, the core's fields and defaults, the command line, bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("trl")
+
+from trl import TrlParser  # noqa: E402
+
+from synapo_ext.core import PRESETS, SynAPOParams, params_from_preset  # noqa: E402
+from synapo_ext.trl import SynAPOConfig  # noqa: E402
+from synapo_ext.trl.config import PRESET_FIELDS  # noqa: E402
+
+pytestmark = pytest.mark.trl
+
+
+def _config(**kwargs):
+    return SynAPOConfig(output_dir="unused", use_cpu=True, report_to=[], **kwargs)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_resolves_to_the_core_preset(preset):
+    args = _config(preset=preset)
+    assert args.synapo_params() == params_from_preset(preset)
+    assert args.epsilon_high == params_from_preset(preset).clip_ratio_high  # clip-higher through TRL's field
+    assert args.loss_type == "dapo"  # token-level loss (VAPO)
+
+
+def test_explicit_value_wins_over_the_preset():
+    args = _config(preset="ppo", hvm_enabled=True, critic_lambda=1.0, epsilon_high=0.3, value_warmup_steps=3)
+    params = args.synapo_params()
+    assert params.hvm_enabled and params.critic_lambda == 1.0 and params.value_warmup_steps == 3
+    assert params.clip_ratio_high == 0.3 and not params.scvl_enabled
+
+
+def test_every_core_field_is_a_config_field_with_the_same_default():
+    config_fields = {f.name: f for f in dataclasses.fields(SynAPOConfig)}
+    for f in dataclasses.fields(SynAPOParams):
+        assert f.name in config_fields, f.name
+        if f.name in PRESET_FIELDS:
+            assert config_fields[f.name].default is None  # "the preset's value"
+        elif f.name not in ("clip_ratio_low", "clip_ratio_high"):  # computed from epsilon / epsilon_high
+            assert config_fields[f.name].default == f.default, f.name
+            assert config_fields[f.name].metadata.get("help"), f.name
+
+
+def test_command_line(capsys):
+    parser = TrlParser((SynAPOConfig,))
+    (args,) = parser.parse_args_and_config(
+        [
+            "--output_dir",
+            "x",
+            "--use_cpu",
+            "true",
+            "--preset",
+            "vapo",
+            "--scvl_enabled",
+            "true",
+            "--scvl_margin",
+            "0.3",
+        ]
+        + ["--hvm_delimiters", "##", "Step", "--critic_learning_rate", "3e-4", "--cliprange_value", "0.2"]
+    )
+    assert args.preset == "vapo" and args.scvl_enabled and args.scvl_margin == 0.3
+    assert args.hvm_delimiters == ["##", "Step"] and args.critic_learning_rate == 3e-4
+    assert args.synapo_params().value_warmup_steps == 50
+    with pytest.raises(SystemExit):
+        parser.parse_args_and_config(["--help"])
+    out = capsys.readouterr().out
+    for option in ("--preset", "--ea_gae_beta", "--hvm_delimiters", "--scvl_margin", "--value_warmup_steps"):
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"preset": "nope"}, "preset"),
+        ({"num_generations": 1, "generation_batch_size": 8}, "num_generations"),
+        ({"critic_epochs": 0}, "critic_epochs"),
+        ({"critic_learning_rate": 0.0}, "critic_learning_rate"),
+        ({"ea_gae_alpha": 0.0}, "ea_gae_alpha"),
+        ({"preset": "synapo", "critic_lambda": 0.9}, "critic_lambda"),
+    ],
+)
+def test_bad_values_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        _config(**kwargs)
