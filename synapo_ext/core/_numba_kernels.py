@@ -1,6 +1,7 @@
 """Compiled CPU kernels (numba): one pass per row over the (B, T) arrays, rows in parallel.
 
-Imported only by `backend.py`, and only when numba is installed (`pip install synapo-ext[fast]`).
+Imported only by `backend.py`, and only when numba is installed (`pip install synapo-ext[fast]`); the
+kernels are called through `SERIAL` or `PARALLEL`.
 Each kernel is the plain per-token loop of a formula in SPEC, run over the original layout: masked
 tokens carry the running quantities through unchanged (verl's carry rule), so interior zeros need
 no compaction. Accumulators are float64 whatever the array dtype.
@@ -8,13 +9,24 @@ no compaction. Accumulators are float64 whatever the array dtype.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 from numba import njit, prange
 
-_OPTS = {"parallel": True, "cache": True, "nogil": True}
+# Each kernel is compiled twice: serial for small batches (no thread pool wakes up, so nothing competes with
+# torch's own threads in a training step) and row-parallel for large ones. `backend.py` picks by size.
+SERIAL = SimpleNamespace()
+PARALLEL = SimpleNamespace()
 
 
-@njit(**_OPTS)
+def _kernel(fn):
+    setattr(SERIAL, fn.__name__, njit(cache=True, nogil=True)(fn))
+    setattr(PARALLEL, fn.__name__, njit(parallel=True, cache=True, nogil=True)(fn))
+    return fn
+
+
+@_kernel
 def row_lengths(mask, lengths, last_plus_one):
     """Per row: number of valid tokens and (last valid position + 1)."""
     B, T = mask.shape
@@ -29,7 +41,7 @@ def row_lengths(mask, lengths, last_plus_one):
         last_plus_one[b] = last
 
 
-@njit(**_OPTS)
+@_kernel
 def ea_gae_lambda_rows(mask, entropy, has_entropy, alpha, beta, eps, lambda_min, lambda_max, out):
     """lambda = clip(1 - 1 / (alpha * l * max(1 + beta * H, eps)), lambda_min, lambda_max)."""
     B, T = mask.shape
@@ -46,7 +58,7 @@ def ea_gae_lambda_rows(mask, entropy, has_entropy, alpha, beta, eps, lambda_min,
             out[b, t] = min(max(lam, lambda_min), lambda_max)
 
 
-@njit(**_OPTS)
+@_kernel
 def gae_rows(rewards, values, mask, lam, per_token_lam, gamma, advantages, returns):
     """delta_t = r_t + gamma V_next - V_t;  A_t = delta_t + gamma lambda_t A_next;  G_t = A_t + V_t."""
     B, T = rewards.shape
@@ -63,7 +75,7 @@ def gae_rows(rewards, values, mask, lam, per_token_lam, gamma, advantages, retur
             returns[b, t] = running + values[b, t]
 
 
-@njit(**_OPTS)
+@_kernel
 def masked_row_sums(x, mask, center, sums, counts):
     """Per row: sum over valid tokens of (x - center) and of (x - center)^2, and the count."""
     B, T = x.shape
@@ -82,7 +94,7 @@ def masked_row_sums(x, mask, center, sums, counts):
         counts[b] = n
 
 
-@njit(**_OPTS)
+@_kernel
 def segment_rows(ids, mask, table, min_len, max_len, fallback_len, out):
     """Segment ids in one forward pass per row (see segments.py for the rules).
 
@@ -120,7 +132,7 @@ def segment_rows(ids, mask, table, min_len, max_len, fallback_len, out):
             i += 1
 
 
-@njit(**_OPTS)
+@_kernel
 def hvm_rows(
     rewards,
     local_values,
@@ -201,7 +213,7 @@ def hvm_rows(
                 global_returns[b, t] = 0.0
 
 
-@njit(**_OPTS)
+@_kernel
 def divergence(ids, pos, neg, shortest, out):
     """d = first position where rows pos[p] and neg[p] differ, or shortest[p] if none before it."""
     for p in prange(pos.shape[0]):
@@ -215,7 +227,7 @@ def divergence(ids, pos, neg, shortest, out):
         out[p] = d
 
 
-@njit(**_OPTS)
+@_kernel
 def masked_row_stats(x, mask, out):
     """Per row over valid tokens: sum, min, max, count."""
     B, T = x.shape

@@ -11,7 +11,7 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -19,7 +19,7 @@ __all__ = ["BACKENDS", "current_backend", "numba_available", "use_backend"]
 
 BACKENDS = ("auto", "torch", "numba")
 _override: str | None = None
-_kernels: ModuleType | None = None
+_kernels: ModuleType | None = None  # the compiled kernel module, imported on first use
 
 
 def numba_available() -> bool:
@@ -48,21 +48,33 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-def kernels(*tensors: torch.Tensor | None) -> ModuleType | None:
-    """The numba kernel module if it should run on these tensors, else None (use the torch path)."""
+# Below this many tokens the serial kernels run: a thread pool would cost more than it saves, and its
+# spinning threads would compete with torch's for the cores in the middle of a training step.
+PARALLEL_MIN_ELEMENTS = 1 << 20
+
+
+def kernels(*tensors: torch.Tensor | None) -> SimpleNamespace | None:
+    """The numba kernels (serial or row-parallel by size) to run on these tensors, or None (use the torch path)."""
     global _kernels
     name = current_backend()
-    if name == "torch" or any(t is not None and t.device.type != "cpu" for t in tensors):
+    present = [t for t in tensors if t is not None]
+    if name == "torch" or any(t.device.type != "cpu" for t in present):
         if name == "numba":
             raise ValueError("the numba backend runs on CPU tensors only")
         return None
     if name == "auto" and not numba_available():
         return None
     if _kernels is None:
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            # numba's default OpenMP layer spins beside torch's own OpenMP runtime; a work queue does not
+            import numba
+
+            numba.config.THREADING_LAYER = "workqueue"
         from . import _numba_kernels
 
         _kernels = _numba_kernels
-    return _kernels
+    large = max((t.numel() for t in present), default=0) >= PARALLEL_MIN_ELEMENTS
+    return _kernels.PARALLEL if large else _kernels.SERIAL
 
 
 def as_numpy(x: torch.Tensor):
@@ -80,7 +92,7 @@ def _lam_array(lam: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Ten
 
 
 def numba_gae(
-    k: ModuleType, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam, gamma: float, dtype
+    k: SimpleNamespace, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam, gamma: float, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     advantages = torch.empty(rewards.shape, dtype=dtype)
     returns = torch.empty_like(advantages)
@@ -98,7 +110,7 @@ def numba_gae(
     return advantages, returns
 
 
-def numba_whiten_(k: ModuleType, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def numba_whiten_(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """In place: (x - mean) * rsqrt(var + 1e-8) over valid tokens (two passes: mean, then centred squares)."""
     sums = torch.empty(x.shape[0], 2, dtype=torch.float64)
     counts = torch.empty(x.shape[0], dtype=torch.int64)
@@ -112,7 +124,9 @@ def numba_whiten_(k: ModuleType, x: torch.Tensor, mask: torch.Tensor) -> torch.T
     return x.sub_(mean).mul_((var + 1e-8) ** -0.5)
 
 
-def numba_ea_gae_lambda(k: ModuleType, mask, entropy, alpha, beta, eps, lambda_min, lambda_max, dtype) -> torch.Tensor:
+def numba_ea_gae_lambda(
+    k: SimpleNamespace, mask, entropy, alpha, beta, eps, lambda_min, lambda_max, dtype
+) -> torch.Tensor:
     out = torch.empty(mask.shape, dtype=dtype)
     has_entropy = entropy is not None
     entropy_t = entropy.to(dtype) if has_entropy else torch.zeros(1, 1, dtype=dtype)
@@ -122,7 +136,7 @@ def numba_ea_gae_lambda(k: ModuleType, mask, entropy, alpha, beta, eps, lambda_m
     return out
 
 
-def numba_segment_ids(k: ModuleType, ids, mask, table, min_len, max_len, fallback_len) -> torch.Tensor:
+def numba_segment_ids(k: SimpleNamespace, ids, mask, table, min_len, max_len, fallback_len) -> torch.Tensor:
     out = torch.empty(ids.shape, dtype=torch.long)
     k.segment_rows(
         as_numpy(ids.long()), as_numpy(mask), as_numpy(table), min_len, max_len or 0, fallback_len or 0, as_numpy(out)
@@ -130,7 +144,7 @@ def numba_segment_ids(k: ModuleType, ids, mask, table, min_len, max_len, fallbac
     return out
 
 
-def numba_hvm(k: ModuleType, r, v_loc, v_glob, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype):
+def numba_hvm(k: SimpleNamespace, r, v_loc, v_glob, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype):
     advantages, local_returns, global_returns = (torch.empty(r.shape, dtype=dtype) for _ in range(3))
     start_mask = torch.empty(r.shape, dtype=torch.bool)
     lam_t, per_token = _lam_array(lam, dtype)
@@ -153,7 +167,7 @@ def numba_hvm(k: ModuleType, r, v_loc, v_glob, mask, seg_ids, lam, gamma, global
     return advantages, local_returns, global_returns, start_mask
 
 
-def numba_row_lengths(k: ModuleType, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def numba_row_lengths(k: SimpleNamespace, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(number of valid tokens, last valid position + 1), int64 (B,) each."""
     lengths = torch.empty(mask.shape[0], dtype=torch.long)
     last_plus_one = torch.empty_like(lengths)
@@ -161,7 +175,7 @@ def numba_row_lengths(k: ModuleType, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return lengths, last_plus_one
 
 
-def numba_divergence(k: ModuleType, ids, pos, neg, shortest) -> torch.Tensor:
+def numba_divergence(k: SimpleNamespace, ids, pos, neg, shortest) -> torch.Tensor:
     out = torch.empty_like(pos)
     k.divergence(as_numpy(ids), as_numpy(pos), as_numpy(neg), as_numpy(shortest), as_numpy(out))
     return out
