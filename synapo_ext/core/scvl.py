@@ -208,7 +208,7 @@ def scvl_split_loss(
     is_positive: torch.Tensor,
     *,
     margin: float,
-    num_pairs: int,
+    num_pairs: float,
 ) -> torch.Tensor:
     """SCVL's split form: each side of a pair with its partner's rollout-time value held constant.
 
@@ -222,12 +222,18 @@ def scvl_split_loss(
         partner_values: float (S,), the partner's rollout-time V[partner, d+1].
         is_positive: bool (S,), whether this side is the positive one.
         margin: hinge margin.
-        num_pairs: P, the number of pairs in the whole batch (so sides summed over micro-batches give the mean).
+        num_pairs: P, the number of pairs in the whole batch (so sides summed over micro-batches give the mean);
+            any positive normaliser (e.g. this process's share of P) works the same way.
 
     Returns:
         A scalar tensor: the sum over the sides given, divided by `num_pairs` (0 without sides).
+
+    Raises:
+        ValueError: `num_pairs` < 0.
     """
+    if num_pairs < 0:
+        raise ValueError(f"`num_pairs` must be >= 0, got {num_pairs}")
     own = _pair_values(values, rows, diverge_index)
     partner = partner_values.to(own.dtype)
     gap = torch.where(is_positive, own - partner, partner - own)  # V_pos - V_neg
-    return torch.relu(margin - gap).sum() / max(num_pairs, 1)
+    return torch.relu(margin - gap).sum() / (num_pairs if num_pairs > 0 else 1.0)
