@@ -1,0 +1,254 @@
+"""Learning benchmark: GRPO vs PPO vs VAPO vs SynAPO (+ ablations) on a long chain with one sparse outcome reward.
+
+The task (`task_chain.py`): 12 steps of invertible arithmetic mod 10, steps separated by blank lines, ~100 answer
+tokens; reward 1 iff the whole answer is in the strict format and the final digit is right. Every method starts from
+the same cached warm start (a tiny Qwen2 supervised on imperfect traces, with three systematic misconceptions) and
+gets the same sample budget (generated completions, the critic's warm-up rollouts included). Held-out prompts are
+evaluated greedily (the main metric) every `eval_every` samples.
+
+    python benchmarks/learning.py                      # full: 8 methods x 5 seeds (hours on a 2-core CPU)
+    python benchmarks/learning.py --quick              # smoke check: 2 methods x 1 seed, a cheap warm start
+    python benchmarks/learning.py --report_only        # rebuild table and pictures from finished runs
+    python benchmarks/learning.py --warm_start_only --seeds 0 1 2   # warm starts of 3 seeds and their accuracy
+
+Each (method, seed) writes `<out>/runs/<method>_s<seed>.json` when it finishes; a rerun skips the runs whose file
+exists with the same setup, so an interrupted benchmark resumes where it stopped. Outputs: `<out>/learning.md`
+(table), `<out>/learning_curves.png`, `<out>/learning_credit.png` (per-token advantages, SynAPO beside PPO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "synapo-no-eagae", "synapo-beta-neg"]
+
+
+@dataclass
+class Args:
+    """Benchmark settings (defaults: the full CPU run)."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """methods to run: `grpo` (TRL's GRPOTrainer), the SynAPO presets, `synapo-beta-neg` (EA-GAE beta < 0)"""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """RL seeds (sampling, data order); every seed starts from the same warm start"""
+    samples: int = 8192
+    """sample budget per run: generated completions, critic warm-up rollouts included"""
+    eval_every: int = 512
+    """evaluate on the held-out prompts every this many samples (and at 0)"""
+    eval_prompts: int = 500
+    """held-out prompts evaluated greedily (the main metric)"""
+    final_t1_samples: int = 2
+    """at the end, also sample each held-out prompt this many times at temperature 1 (pass@1 at T=1)"""
+    threshold: float = 0.8
+    """accuracy for "samples needed to reach it" (greedy, held-out, interpolated between evaluations)"""
+    num_generations: int = 8
+    """responses per prompt (group size, all methods)"""
+    batch: int = 32
+    """completions per optimizer step (per_device_train_batch_size)"""
+    learning_rate: float = 1e-4
+    """policy learning rate (all methods, constant)"""
+    critic_learning_rate: float = 1e-3
+    """critic learning rate (all value-based methods; 1e-3, not 3e-4: PPO collapsed at 3e-4 in a 1-seed pilot)"""
+    value_warmup_steps: int = 8
+    """critic-only rollout batches before the policy moves (VAPO/SynAPO presets; PPO has none); counted as samples"""
+    ea_gae_beta_neg: float = -0.05
+    """EA-GAE beta of `synapo-beta-neg` (the write-up's prose sign)"""
+    temperature: float = 1.0
+    """rollout temperature"""
+    warm_start_seed: int = 0
+    """seed of the shared warm start"""
+    sft_steps: int = 3000
+    """supervised steps of the warm start"""
+    jobs: int = 2
+    """runs at once (one thread each)"""
+    quick: bool = False
+    """smoke check: grpo and synapo, 1 seed, a short budget and a cheap (near-zero accuracy) warm start"""
+    report_only: bool = False
+    """only rebuild the table and pictures from finished runs"""
+    warm_start_only: bool = False
+    """only train or load the warm starts of `--seeds` and measure their held-out accuracy"""
+    out: str = ""
+    """output folder (default benchmarks/results/learning, or learning_quick with --quick)"""
+    cache_dir: str = os.path.join(HERE, "cache", "learning")
+    """where the warm starts and the credit-picture responses are cached (git-ignored)"""
+    child: str = ""
+    """internal: run one `method:seed` in this process"""
+
+
+def apply_quick(a: Args) -> Args:
+    """`--quick` settings for the fields left at their defaults (explicit flags win)."""
+    if not a.quick:
+        return a
+    quick = dict(
+        methods=["grpo", "synapo"], seeds=[0], samples=384, eval_every=128, eval_prompts=64, final_t1_samples=1,
+        value_warmup_steps=2, sft_steps=300, out=os.path.join(HERE, "results", "learning_quick"),
+    )  # fmt: skip
+    default = Args()
+    return dataclasses.replace(a, **{k: v for k, v in quick.items() if getattr(a, k) == getattr(default, k)})
+
+
+def task_config(a: Args):
+    from task_chain import TaskConfig
+
+    return TaskConfig(sft_steps=a.sft_steps)
+
+
+def setup_key(a: Args) -> str:
+    """Hash of everything that changes a run's result (not methods, seeds, jobs or paths)."""
+    skip = {"methods", "seeds", "jobs", "report_only", "warm_start_only", "out", "cache_dir", "child", "threshold"}
+    blob = {k: v for k, v in asdict(a).items() if k not in skip}
+    blob["task"] = asdict(task_config(a))
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_path(a: Args, method: str, seed: int) -> str:
+    return os.path.join(a.out, "runs", f"{method}_s{seed}.json")
+
+
+def is_done(a: Args, method: str, seed: int) -> bool:
+    path = run_path(a, method, seed)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("setup_key") == setup_key(a)
+
+
+def parse_args(argv: list[str]) -> Args:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action="store_true", default=default)
+        elif isinstance(default, list):
+            parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default)
+    a = apply_quick(Args(**vars(parser.parse_args(argv))))
+    return dataclasses.replace(a, out=a.out or os.path.join(HERE, "results", "learning"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    if a.child:
+        method, seed = a.child.rsplit(":", 1)
+        from learning_run import run_one
+
+        run_one(a, method, int(seed))
+        return 0
+    import torch
+    import transformers
+    import trl
+    from learning_report import write_report
+
+    unknown = sorted(set(a.methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {METHODS}")
+    command = " ".join(["python", "benchmarks/learning.py", *argv])
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    header = [
+        f"Command: `{command}` (commit {commit.stdout.strip() or '?'} plus the working tree; {versions}, "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPU cores, one thread per run, {a.jobs} runs at once; "
+        f"setup {setup_key(a)})."
+    ]
+    print(header[0], flush=True)
+    print(f"setup: {json.dumps(asdict(a))}", flush=True)
+    if a.warm_start_only:
+        print(f"wrote {measure_warm_starts(a, header)}", flush=True)
+        return 0
+    if not a.report_only:
+        prepare(a)
+        todo = [(m, s) for s in a.seeds for m in a.methods if not is_done(a, m, s)]
+        done = len(a.methods) * len(a.seeds) - len(todo)
+        print(f"{done} finished run(s) skipped, {len(todo)} to run, {a.jobs} at a time", flush=True)
+        failed = run_all(a, argv, todo)
+        if failed:
+            print(f"FAILED runs: {failed}", flush=True)
+    path = write_report(a, setup_key(a), header)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+def measure_warm_starts(a: Args, header: list[str]) -> str:
+    """Train (or load) the warm start of each seed in `a.seeds`; greedy, exact-chain and T=1 held-out accuracy."""
+    import torch
+
+    torch.set_num_threads(1)
+    from learning_run import greedy_accuracy, load_policy, sampled_accuracy
+    from task_chain import held_out_prompts, warm_start
+
+    cfg = task_config(a)
+    prompts = held_out_prompts(cfg)[: a.eval_prompts]
+    lines = ["# Warm starts of the learning benchmark", "", *header, "",
+             f"Task and warm start: `{json.dumps(asdict(cfg))}`. Held-out prompts: {len(prompts)}; T=1: "
+             f"{a.final_t1_samples} sample(s) per prompt.", "",
+             "| warm-start seed | greedy acc | exact chain (greedy) | T=1 acc |", "|---|---|---|---|"]  # fmt: skip
+    for seed in a.seeds:
+        model, tokenizer = load_policy(warm_start(cfg, seed, a.cache_dir))
+        greedy, exact = greedy_accuracy(model, tokenizer, prompts, cfg)
+        t1 = sampled_accuracy(model, tokenizer, prompts, cfg, a.final_t1_samples, seed=0)
+        lines.append(f"| {seed} | {100 * greedy:.1f} | {100 * exact:.1f} | {100 * t1:.1f} |")
+        print(lines[-1], flush=True)
+    path = os.path.join(a.out, "warm_start.md")
+    os.makedirs(a.out, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(a: Args) -> None:
+    """The warm start and the credit-picture responses, once, before the runs (children then only read them)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from learning_run import picture_responses
+    from task_chain import warm_start
+
+    start = time.perf_counter()
+    path = warm_start(task_config(a), a.warm_start_seed, a.cache_dir)
+    picture_responses(a, path)
+    print(f"warm start ready: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
+
+
+def run_all(a: Args, argv: list[str], todo: list[tuple[str, int]]) -> list[str]:
+    """Run `todo` as child processes, `a.jobs` at a time; returns the failed runs."""
+    script = os.path.abspath(__file__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    env["TRANSFORMERS_VERBOSITY"] = env.get("TRANSFORMERS_VERBOSITY", "error")
+    finished, lock, start = [0], threading.Lock(), time.perf_counter()
+
+    def one(job):
+        method, seed = job
+        cmd = [sys.executable, script, *argv, "--out", a.out, "--child", f"{method}:{seed}"]
+        proc = subprocess.run(cmd, env=env, check=False)  # the child prints its own progress lines
+        with lock:
+            finished[0] += 1
+            elapsed = time.perf_counter() - start
+            eta = elapsed / finished[0] * (len(todo) - finished[0])
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            print(f"== {finished[0]}/{len(todo)} runs done ({method} s{seed} {status}); {elapsed / 60:.0f} min "
+                  f"elapsed, about {eta / 60:.0f} min left", flush=True)  # fmt: skip
+        return None if proc.returncode == 0 else f"{method}_s{seed} (exit {proc.returncode})"
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        return [r for r in pool.map(one, todo) if r]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

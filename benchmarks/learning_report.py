@@ -1,0 +1,273 @@
+"""The learning benchmark's report: Markdown table, learning curves and the credit-assignment picture (learning.py)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+
+# two-sided 95 % quantiles of Student's t, df = 1..30 (above: 1.96)
+# fmt: off
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+# fmt: on
+
+
+def t975(df: float) -> float:
+    return T975[max(1, int(math.floor(df))) - 1] if df < 31 else 1.96
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t interval (nan with one value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
+    return mean, t975(n - 1) * math.sqrt(var / n)
+
+
+def welch_diff(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """mean(xs) - mean(ys) and the half-width of its 95 % Welch interval (nan if either has < 2 values)."""
+    d = sum(xs) / len(xs) - sum(ys) / len(ys)
+    if len(xs) < 2 or len(ys) < 2:
+        return d, float("nan")
+    vx = sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1) / len(xs)
+    vy = sum((y - sum(ys) / len(ys)) ** 2 for y in ys) / (len(ys) - 1) / len(ys)
+    if vx + vy == 0:
+        return d, 0.0
+    df = (vx + vy) ** 2 / (vx**2 / (len(xs) - 1) + vy**2 / (len(ys) - 1))
+    return d, t975(df) * math.sqrt(vx + vy)
+
+
+def samples_to(curve: list[dict], threshold: float) -> float | None:
+    """Samples at which the greedy curve first reaches `threshold` (linear between evaluations); None if never."""
+    prev = None
+    for point in curve:
+        if point["greedy"] >= threshold:
+            if prev is None or point["greedy"] == prev["greedy"]:
+                return float(point["samples"])
+            frac = (threshold - prev["greedy"]) / (point["greedy"] - prev["greedy"])
+            return prev["samples"] + frac * (point["samples"] - prev["samples"])
+        prev = point
+    return None
+
+
+def load_runs(out: str, key: str) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
+        with open(path) as f:
+            run = json.load(f)
+        if run.get("setup_key") == key:
+            runs.setdefault(run["method"], []).append(run)
+    return runs
+
+
+def fmt(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
+    if math.isnan(half):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
+
+
+def write_report(a, key: str, header: list[str]) -> str:
+    """Write `<out>/learning.md` and the two pictures from the finished runs of setup `key`; returns the path."""
+    runs = load_runs(a.out, key)
+    order = [m for m in a.methods if m in runs] + sorted(set(runs) - set(a.methods))
+    lines = ["# Learning benchmark: held-out accuracy on a 12-step chain with one sparse reward", "", *header, ""]
+    if not runs:
+        lines.append("No finished runs yet.")
+    else:
+        any_run = runs[order[0]][0]
+        n_eval, budget = any_run["setup"]["eval_prompts"], any_run["setup"]["samples"]
+        start = any_run["curve"][0]["greedy"]
+        binom = math.sqrt(max(start * (1 - start), 0.01) / n_eval)
+        lines += [
+            "Task (`benchmarks/task_chain.py`): 12 steps of invertible arithmetic mod 10, one step per blank-line "
+            "segment, ~100 answer tokens; reward 1 iff the strict full format and the right final digit (chance "
+            "about 10 %). Warm start: a tiny Qwen2 supervised on imperfect traces (random slips and three systematic "
+            "misconceptions). 'exact chain' = every step right. Policy lr, batch and group size are the same for "
+            "all methods; GRPO is TRL's `GRPOTrainer` with its defaults otherwise.",
+            "",
+            f"Setup `{key}`: every method starts from the same warm start (greedy held-out accuracy "
+            f"{100 * start:.1f} %) and gets {budget} generated completions (critic warm-up rollouts included). "
+            f"Accuracy = greedy pass@1 on {n_eval} held-out prompts (strict format, final answer right), in %. "
+            f"Intervals are 95 % t intervals over seeds; differences use Welch's interval.",
+            "",
+            f"| method | seeds | greedy acc at {budget // 2} | final greedy acc | exact chain | final T=1 acc | "
+            f"samples to {100 * a.threshold:.0f} % (reached) | final vs grpo | final vs synapo | min/run |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        finals = {m: [r["final_greedy"] for r in runs[m]] for m in order}
+        noise = []
+        for m in order:
+            rs = runs[m]
+            greedy, t1 = mean_ci(finals[m]), mean_ci([r["final_t1"] for r in rs])
+            half_way = mean_ci([_grid([r], budget // 2, budget)[1][0][1] for r in rs])
+            exact = mean_ci([r.get("final_greedy_exact", float("nan")) for r in rs])
+            reach = [samples_to(r["curve"], a.threshold) for r in rs]
+            hit = [x for x in reach if x is not None]
+            to = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(rs)})" if hit else f"> {budget} (0/{len(rs)})"
+            cells = []
+            for ref in ("grpo", "synapo"):
+                if ref == m or ref not in finals:
+                    cells.append("")
+                    continue
+                d, half = welch_diff(finals[m], finals[ref])
+                inside = math.isnan(half) or abs(d) <= half
+                cells.append(fmt(d, half) + (" (noise)" if inside else ""))
+                if ref == "grpo" or m != "grpo":
+                    noise.append((m, ref, inside))
+            wall = sum(r["wall_s"] for r in rs) / len(rs) / 60
+            lines.append(
+                f"| {m} | {len(rs)} | {fmt(*half_way)} | {fmt(*greedy)} | {fmt(*exact)} | {fmt(*t1)} | {to} "
+                f"| {cells[0]} | {cells[1]} | {wall:.1f} |"
+            )
+        inside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if ins})
+        outside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if not ins})
+        lines += [
+            "",
+            f"**Noise.** One evaluation of {n_eval} prompts has a binomial standard error of about "
+            f"{100 * binom:.1f} points. Differences whose 95 % interval contains 0 are inside the noise: "
+            f"{', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}. "
+            "With fewer than 2 seeds no interval exists and every difference counts as noise.",
+            "",
+            "![learning curves](learning_curves.png)",
+            "",
+            "![credit assignment](learning_credit.png)",
+        ]
+        if importlib.util.find_spec("matplotlib") is None:
+            print("matplotlib is not installed: no pictures (pip install matplotlib)", flush=True)
+        else:
+            plot_curves(runs, order, a, os.path.join(a.out, "learning_curves.png"))
+            plot_credit(runs, os.path.join(a.out, "learning_credit.png"))
+    path = os.path.join(a.out, "learning.md")
+    os.makedirs(a.out, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(line for line in lines if not line.startswith("![")), flush=True)
+    return path
+
+
+def _grid(runs: list[dict], step: int, budget: int) -> tuple[list[int], list[list[float]]]:
+    """Each run's greedy curve interpolated onto 0, step, 2*step, ..., budget."""
+    xs = list(range(0, budget + 1, step))
+    if xs[-1] != budget:
+        xs.append(budget)
+    ys = []
+    for r in runs:
+        pts = [(p["samples"], p["greedy"]) for p in r["curve"]]
+        row = []
+        for x in xs:
+            right = next((i for i, (s, _) in enumerate(pts) if s >= x), len(pts) - 1)
+            if right == 0 or pts[right][0] <= x:
+                row.append(pts[right][1])
+            else:
+                (s0, y0), (s1, y1) = pts[right - 1], pts[right]
+                row.append(y0 + (y1 - y0) * (x - s0) / (s1 - s0))
+        ys.append(row)
+    return xs, ys
+
+
+def plot_curves(runs: dict[str, list[dict]], order: list[str], a, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, m in enumerate(order):
+        color = plt.cm.tab10(i % 10)
+        xs, ys = _grid(runs[m], a.eval_every, a.samples)
+        stats = [mean_ci([row[j] for row in ys]) for j in range(len(xs))]
+        mean = [100 * s[0] for s in stats]
+        half = [0.0 if math.isnan(s[1]) else 100 * s[1] for s in stats]
+        axes[0].plot(xs, mean, color=color, label=f"{m} (n={len(ys)})")
+        for row in ys:  # each seed, thin
+            axes[0].plot(xs, [100 * y for y in row], color=color, lw=0.5, alpha=0.5)
+        axes[0].fill_between(
+            xs,
+            [max(0.0, m_ - h) for m_, h in zip(mean, half, strict=True)],
+            [min(100.0, m_ + h) for m_, h in zip(mean, half, strict=True)],
+            color=color,
+            alpha=0.15,
+        )
+        rewards = [r["train_logs"].get("reward", []) for r in runs[m]]
+        n = min(map(len, rewards)) if rewards else 0
+        if n:
+            avg = [sum(r[j] for r in rewards) / len(rewards) for j in range(n)]
+            k = max(1, n // 20)  # moving average over ~1/20 of the run
+            smooth = [sum(avg[max(0, j - k) : j + 1]) / len(avg[max(0, j - k) : j + 1]) for j in range(n)]
+            offset = runs[m][0].get("warmup_samples", 0)  # critic warm-up rollouts come first
+            xs_reward = [offset + a.batch * (j + 1) for j in range(n)]
+            axes[1].plot(xs_reward, [100 * s for s in smooth], color=color, label=m)
+    axes[0].axhline(100 * a.threshold, color="grey", ls=":", lw=1)
+    axes[0].set(
+        xlabel="samples seen (generated completions)",
+        ylabel="held-out greedy accuracy (%)",
+        title="Held-out accuracy (mean, 95 % CI over seeds; thin: each seed)",
+    )
+    axes[1].set(
+        xlabel="samples seen (generated completions)",
+        ylabel="training reward at T=1 (%)",
+        title="Training reward (mean over seeds, smoothed)",
+    )
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _show(token: str) -> str:
+    return {"\n\n": "¶", "<eos>": "eos"}.get(token, token)
+
+
+def plot_credit(runs: dict[str, list[dict]], path: str) -> None:
+    """Each fixed response as rows of segments (one row per step), tokens coloured by advantage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    panels = [(m, min(runs[m], key=lambda r: r["seed"])) for m in ("synapo", "ppo") if m in runs]
+    panels = [(m, r) for m, r in panels if r.get("credit")]
+    if not panels:
+        return
+    items = len(panels[0][1]["credit"])
+    fig, axes = plt.subplots(items, len(panels), figsize=(5.2 * len(panels), 4.6 * items), squeeze=False)
+    for col, (method, run) in enumerate(panels):
+        for row, item in enumerate(run["credit"]):
+            ax = axes[row][col]
+            adv = item["advantages"]
+            vmax = max(1e-6, max(abs(x) for x in adv))
+            norm = TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
+            seg, pos = 0, 0
+            for token, value in zip(item["tokens"], adv, strict=True):
+                ax.add_patch(plt.Rectangle((pos, -seg), 1, 1, color=plt.cm.RdBu(norm(value))))
+                ax.text(pos + 0.5, -seg + 0.5, _show(token), ha="center", va="center", fontsize=7)
+                pos += 1
+                if token == "\n\n":  # the delimiter closes its segment: next row
+                    ax.axhline(-seg, color="black", lw=0.6)
+                    seg, pos = seg + 1, 0
+            wrong = item.get("wrong_step")
+            if wrong is not None:
+                ax.add_patch(plt.Rectangle((0, -wrong), 8, 1, fill=False, edgecolor="orange", lw=2))
+            ax.set_xlim(0, 8)
+            ax.set_ylim(-seg, 1)
+            ax.set_yticks([-k + 0.5 for k in range(seg + 1)], [f"seg {k}" for k in range(seg + 1)], fontsize=6)
+            ax.set_xticks([])
+            outcome = "correct" if item["score"] else f"wrong (first wrong step {wrong}, boxed)"
+            ax.set_title(f"{method} (seed {run['seed']}): {outcome}\nmax |A| = {vmax:.3f}", fontsize=9)
+            fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="RdBu"), ax=ax, fraction=0.04)
+    fig.suptitle(
+        "Where each method puts the blame: per-token advantage\n(blue +, red -, not whitened) on fixed held-out "
+        "warm-start responses,\ncritic at the end of training; one row per segment (ends at the '\\n\\n' token ¶)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,297 @@
+"""One (method, seed) run of the learning benchmark (see learning.py): train, evaluate, write a JSON result."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+from task_chain import (
+    DELIMITER,
+    answer_regex,
+    completion_length,
+    first_wrong_step,
+    generate,
+    held_out_prompts,
+    make_tokenizer,
+    parse_prompt,
+    rl_dataset,
+    score,
+    trace,
+    warm_start,
+)
+
+LOGGED = ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance", "critic/vf_loss", "step_time")
+
+
+def load_policy(path: str):
+    from transformers import Qwen2ForCausalLM
+
+    tokenizer = make_tokenizer()
+    model = Qwen2ForCausalLM.from_pretrained(path)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def greedy_accuracy(model, tokenizer, prompts, cfg) -> tuple[float, float]:
+    """(reward rate, exact rate): right final answer in the strict format; the whole chain exactly right."""
+    outs = generate(model, tokenizer, prompts, max_new_tokens=completion_length(cfg) + 4)
+    reward = sum(score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True)) / len(prompts)
+    exact = sum(e and c == trace(*parse_prompt(p)) for p, (c, e) in zip(prompts, outs, strict=True)) / len(prompts)
+    return reward, exact
+
+
+def sampled_accuracy(model, tokenizer, prompts, cfg, n: int, seed: int) -> float:
+    total = 0.0
+    for k in range(n):
+        outs = generate(
+            model, tokenizer, prompts, max_new_tokens=completion_length(cfg) + 4, temperature=1.0, seed=seed * 1000 + k
+        )
+        total += sum(score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True))
+    return total / (n * len(prompts))
+
+
+# --- the credit-assignment picture's responses ---------------------------------------------------------------------
+
+
+def picture_responses(a, path: str) -> list[dict]:
+    """Fixed held-out responses of the warm start (T=1): two with one wrong step, one correct. Cached."""
+    from learning import task_config
+
+    cache = os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    cfg = task_config(a)
+    model, tokenizer = load_policy(path)
+    prompts = held_out_prompts(cfg)[:200]
+    wrong, right = [], []
+    for k in range(4):
+        outs = generate(
+            model, tokenizer, prompts, max_new_tokens=completion_length(cfg) + 4, temperature=1.0, seed=10_000 + k
+        )
+        for p, (c, e) in zip(prompts, outs, strict=True):
+            if not e or answer_regex(p).fullmatch(c) is None:
+                continue
+            item = {"prompt": p, "completion": c, "score": score(p, c, e), "wrong_step": first_wrong_step(p, c)}
+            steps = c.split(DELIMITER)[:-1]
+            later = first_wrong_step(p, DELIMITER.join(steps[item["wrong_step"] + 1 :])) if item["wrong_step"] else 0
+            middle = item["wrong_step"] is not None and 3 <= item["wrong_step"] <= 9
+            if item["score"] == 0 and middle and later is None:
+                wrong.append(item)  # exactly one wrong step, in the middle of the chain
+            elif item["score"] == 1 and item["wrong_step"] is None:
+                right.append(item)
+    rng = random.Random(0)
+    picked = rng.sample(wrong, min(2, len(wrong))) + right[:1]
+    os.makedirs(a.cache_dir, exist_ok=True)
+    with open(cache, "w") as f:
+        json.dump(picked, f, indent=1)
+    return picked
+
+
+@torch.no_grad()
+def credit(trainer, tokenizer, items: list[dict]) -> list[dict]:
+    """Per-token advantages (not whitened) and values of a value-based trainer's critic on fixed responses."""
+    from synapo_ext.core import compute_synapo_advantages
+    from synapo_ext.trl.critic import critic_values
+
+    if not items:
+        return []
+    prompt_ids = torch.tensor([tokenizer(it["prompt"])["input_ids"] for it in items])
+    eos = [tokenizer.eos_token_id]
+    completion_ids = torch.tensor([tokenizer(it["completion"])["input_ids"] + eos for it in items])
+    B, T = completion_ids.shape
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    values = critic_values(trainer.critic, input_ids, attention_mask, T)  # (B, T, H)
+    logits = trainer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -T - 1 : -1].float()
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (B, T), rollout temperature 1
+    rewards = torch.zeros(B, T)
+    rewards[:, -1] = torch.tensor([it["score"] for it in items])
+    params = dataclasses.replace(trainer.synapo, whiten_advantages=False, scvl_enabled=False)
+    hvm = params.hvm_enabled
+    result = compute_synapo_advantages(
+        params,
+        rewards=rewards,
+        values=values[..., 0],
+        response_mask=torch.ones(B, T),
+        global_values=values[..., 1] if hvm else None,
+        entropy=entropy,
+        response_ids=completion_ids,
+        boundary_table=trainer.boundary_table,
+    )
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in completion_ids.tolist()]
+    return [
+        {**it, "tokens": tokens[b], "advantages": result.advantages[b].tolist(), "values": values[b, :, 0].tolist()}
+        for b, it in enumerate(items)
+    ]
+
+
+# --- one run ---------------------------------------------------------------------------------------------------------
+
+
+def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, dataset, output_dir: str):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
+
+    common = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        max_steps=math.ceil(a.samples / a.batch),
+        num_generations=a.num_generations,
+        per_device_train_batch_size=a.batch,
+        max_completion_length=completion_length(task_cfg(a)) + 4,
+        learning_rate=a.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=False,
+        gradient_checkpointing=False,
+        temperature=a.temperature,
+        seed=seed,
+        data_seed=seed,
+    )
+    if method == "grpo":
+        args = GRPOConfig(**common)
+        return GRPOTrainer(
+            model=model, reward_funcs=[reward_fn], args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+    preset = "synapo" if method == "synapo-beta-neg" else method
+    extra = {"ea_gae_beta": a.ea_gae_beta_neg} if method == "synapo-beta-neg" else {}
+    warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
+    args = SynAPOConfig(
+        **common, preset=preset, critic_learning_rate=a.critic_learning_rate, value_warmup_steps=warmup, **extra
+    )
+    return SynAPOTrainer(
+        model=model, reward_funcs=[reward_fn], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def task_cfg(a):
+    from learning import task_config
+
+    return task_config(a)
+
+
+def run_one(a, method: str, seed: int) -> dict:
+    """Train `method` from the warm start with RL seed `seed`; write and return its result."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per step
+    from learning import run_path, setup_key
+    from transformers import PrinterCallback, TrainerCallback
+
+    tag, cfg, wall0 = f"[{method} s{seed}]", task_cfg(a), time.perf_counter()
+    path = warm_start(cfg, a.warm_start_seed, a.cache_dir)
+    model, tokenizer = load_policy(path)
+    eval_prompts = held_out_prompts(cfg)[: a.eval_prompts]
+    eos = tokenizer.eos_token_id
+    seen = {"samples": 0}
+
+    def chain_reward(prompts, completions, completion_ids, **kwargs):
+        """1 iff the strict full format with the right final answer, ended by eos (task_chain.score)."""
+        seen["samples"] += len(completions)
+        return [
+            score(p, c, bool(ids) and ids[-1] == eos)
+            for p, c, ids in zip(prompts, completions, completion_ids, strict=True)
+        ]
+
+    curve, history = [], defaultdict(list)
+
+    def evaluate(step: int) -> None:
+        acc, exact = greedy_accuracy(model, tokenizer, eval_prompts, cfg)
+        model.train()
+        recent = {k: sum(v[-8:]) / len(v[-8:]) for k, v in history.items() if v}
+        curve.append(
+            {
+                "samples": seen["samples"],
+                "step": step,
+                "greedy": acc,
+                "greedy_exact": exact,
+                "wall_s": time.perf_counter() - wall0,
+                **{f"train/{k}": v for k, v in recent.items()},
+            }
+        )
+        shown = "  ".join(
+            f"{k}={recent[k]:.3f}"
+            for k in ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance")
+            if k in recent
+        )
+        print(
+            f"{tag} samples {seen['samples']:6d}/{a.samples}  step {step:4d}  greedy {acc:.3f} "
+            f"(exact chain {exact:.3f})  {shown}  {time.perf_counter() - wall0:.0f}s",
+            flush=True,
+        )
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.next_eval = a.eval_every
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for k in LOGGED:
+                if logs and k in logs:
+                    history[k].append(float(logs[k]))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if seen["samples"] >= self.next_eval or seen["samples"] >= a.samples:
+                evaluate(state.global_step)
+                while self.next_eval <= seen["samples"]:
+                    self.next_eval += a.eval_every
+            if seen["samples"] >= a.samples:
+                control.should_training_stop = True
+
+    print(f"{tag} start: warm start {os.path.basename(path)}, budget {a.samples} samples", flush=True)
+    evaluate(0)
+    dataset = rl_dataset(cfg, n=a.samples // a.num_generations + 64, seed=seed)
+    output_dir = os.path.join(a.cache_dir, "trainer_out", f"{method}_s{seed}")
+    trainer = build_trainer(a, method, seed, model, tokenizer, chain_reward, dataset, output_dir)
+    trainer.remove_callback(PrinterCallback)  # TRL's raw log dicts: our progress lines instead
+    trainer.add_callback(Progress())
+    trainer.train()
+    if curve[-1]["samples"] != seen["samples"]:
+        evaluate(trainer.state.global_step)
+    t1 = sampled_accuracy(model, tokenizer, eval_prompts, cfg, a.final_t1_samples, seed)
+    pictures = []
+    if method != "grpo":
+        with open(os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")) as f:
+            pictures = credit(trainer, tokenizer, json.load(f))
+    result = {
+        "method": method,
+        "seed": seed,
+        "setup_key": setup_key(a),
+        "setup": dataclasses.asdict(a),
+        "task": dataclasses.asdict(cfg),
+        "warm_start": os.path.basename(path),
+        "curve": curve,
+        "final_greedy": curve[-1]["greedy"],
+        "final_t1": t1,
+        "samples": seen["samples"],
+        "steps": trainer.state.global_step,
+        "warmup_samples": seen["samples"] - trainer.state.global_step * a.batch,
+        "synapo_params": dataclasses.asdict(trainer.synapo) if hasattr(trainer, "synapo") else None,
+        "final_greedy_exact": curve[-1]["greedy_exact"],
+        "wall_s": time.perf_counter() - wall0,
+        "train_logs": dict(history),
+        "credit": pictures,
+    }
+    out = run_path(a, method, seed)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(out + ".tmp", out)  # atomic: an interrupted run leaves no result file
+    print(
+        f"{tag} done: greedy {result['final_greedy']:.3f}, T=1 {t1:.3f}, {result['steps']} steps, "
+        f"{result['wall_s']:.0f}s",
+        flush=True,
+    )
+    return result

@@ -1,0 +1,73 @@
+"""Smoke test of the learning benchmark (benchmarks/learning.py): the task, then `--quick` end to end (~20 s)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import sys
+
+import pytest
+
+pytest.importorskip("trl")
+pytestmark = pytest.mark.trl
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import task_chain  # noqa: E402
+
+
+def test_task_reward_is_strict_and_delimiter_is_one_token():
+    cfg = task_chain.TaskConfig()
+    prompt, start, ops = task_chain.make_prompt(random.Random(0), cfg.num_steps)
+    good = task_chain.trace(start, ops)
+    assert task_chain.score(prompt, good) == 1.0
+    assert task_chain.score(prompt, good, ended=False) == 0.0  # no eos: truncated
+    assert task_chain.score(prompt, good + "\n") == 0.0  # anything after the answer
+    assert task_chain.score(prompt, good.replace("a:", "A:", 1)) == 0.0  # labels are exact
+    # one wrong step (later steps consistent with it) makes the final answer wrong: every operation is a bijection
+    steps = good.split("\n\n")
+    head, value = steps[0][:-1], int(steps[0][-1])
+    wrong = (value + 1) % 10
+    rest, v = [], wrong
+    for i, (op, k) in enumerate(ops[1:], start=1):
+        nxt = task_chain.apply(op, k, v)
+        rest.append(f"{task_chain.LABELS[i]}:{v}{op}{k}={nxt}")
+        v = nxt
+    bad = "\n\n".join([head + str(wrong), *rest, f"ans:{v}"])
+    assert task_chain.score(prompt, bad) == 0.0
+    assert task_chain.first_wrong_step(prompt, bad) == 0
+    tokenizer = task_chain.make_tokenizer()
+    ids = tokenizer(good)["input_ids"]
+    assert ids.count(tokenizer.convert_tokens_to_ids("\n\n")) == cfg.num_steps
+    assert len(ids) + 1 == task_chain.completion_length(cfg) >= 100
+
+
+def test_held_out_prompts_never_in_training():
+    cfg = task_chain.TaskConfig(num_eval=200)
+    held_out = set(task_chain.held_out_prompts(cfg))
+    assert len(held_out) == 200
+    train = task_chain.rl_dataset(cfg, n=500, seed=0)["prompt"]
+    assert held_out.isdisjoint(train)
+    assert task_chain.held_out_prompts(cfg) == task_chain.held_out_prompts(cfg)  # deterministic
+
+
+def test_quick_end_to_end_and_resume(tmp_path, capfd):
+    import learning
+
+    argv = ["--quick", "--samples", "64", "--eval_every", "32", "--eval_prompts", "16", "--sft_steps", "20",
+            "--out", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert learning.main(argv) == 0
+    out = capfd.readouterr().out
+    for method in ("grpo", "synapo"):
+        with open(tmp_path / "out" / "runs" / f"{method}_s0.json") as f:
+            run = json.load(f)
+        assert run["samples"] >= 64 and [p["samples"] for p in run["curve"]][0] == 0
+        assert f"[{method} s0] done" in out
+    assert "| grpo | 1 |" in (tmp_path / "out" / "learning.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
+    assert learning.main(argv) == 0  # resume: nothing left to run
+    assert "2 finished run(s) skipped, 0 to run" in capfd.readouterr().out
