@@ -9,7 +9,7 @@ from .gae import compute_gae, masked_whiten
 from .hvm import HVMResult, hvm_advantages
 from .losses import hvm_critic_loss, value_loss
 from .scan import reverse_linear_scan
-from .scvl import SCVLPairs, scvl_group_stats, scvl_loss, scvl_pairs, scvl_split_loss
+from .scvl import SCVLPairs, scvl_group_stats, scvl_loss, scvl_pair_values, scvl_pairs, scvl_split_loss
 from .segments import boundary_table_from_tokenizer, segment_ids
 from .stage import SynAPOAdvantages, actor_lambda, compute_synapo_advantages
 
@@ -32,6 +32,7 @@ __all__ = [
     "reverse_linear_scan",
     "scvl_group_stats",
     "scvl_loss",
+    "scvl_pair_values",
     "scvl_pairs",
     "scvl_split_loss",
     "segment_ids",

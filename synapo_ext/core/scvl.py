@@ -20,7 +20,15 @@ import torch
 from . import backend
 from ._checks import check_finite, check_mask, check_same_shape, check_tensor
 
-__all__ = ["SCVLPairs", "group_codes", "scvl_group_stats", "scvl_loss", "scvl_pairs", "scvl_split_loss"]
+__all__ = [
+    "SCVLPairs",
+    "group_codes",
+    "scvl_group_stats",
+    "scvl_loss",
+    "scvl_pair_values",
+    "scvl_pairs",
+    "scvl_split_loss",
+]
 
 # Compare at most this many (pair, token) entries at once when finding divergence points.
 _BLOCK_ELEMENTS = 1 << 22
@@ -173,6 +181,15 @@ def scvl_pairs(
 def _pair_values(values: torch.Tensor, rows: torch.Tensor, diverge_index: torch.Tensor) -> torch.Tensor:
     """V[row, d + 1], (P,)."""
     return values[rows, diverge_index + 1]
+
+
+def scvl_pair_values(values: torch.Tensor, pairs: SCVLPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollout-time V[i, d+1] and V[j, d+1] of each pair, (P,) each, detached: the partner values of the split form.
+
+    V(s_d) is shared by both rows of a pair, so SCVL compares the states after the divergent token.
+    """
+    after = pairs.diverge_index + 1
+    return values[pairs.pos_index, after].detach(), values[pairs.neg_index, after].detach()
 
 
 def scvl_loss(

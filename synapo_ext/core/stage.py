@@ -17,7 +17,7 @@ from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
 from .gae import compute_gae
 from .hvm import hvm_advantages
-from .scvl import SCVLPairs, scvl_group_stats, scvl_pairs
+from .scvl import SCVLPairs, scvl_group_stats, scvl_pair_values, scvl_pairs
 from .segments import segment_ids
 
 __all__ = ["SynAPOAdvantages", "actor_lambda", "compute_synapo_advantages"]
@@ -159,8 +159,7 @@ def compute_synapo_advantages(
             max_pairs=params.scvl_max_pairs,
         )
         out.scvl = pairs
-        out.scvl_pos_values = values[pairs.pos_index, pairs.diverge_index + 1].detach()
-        out.scvl_neg_values = values[pairs.neg_index, pairs.diverge_index + 1].detach()
+        out.scvl_pos_values, out.scvl_neg_values = scvl_pair_values(values, pairs)
         stats = scvl_group_stats(scores, group_ids, threshold=params.scvl_threshold)
         metrics["synapo/scvl/pairs"] = float(pairs.pos_index.numel())
         metrics["synapo/scvl/groups_mixed"] = float(stats["groups_mixed"])

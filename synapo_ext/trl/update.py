@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import SynAPOParams, hvm_critic_loss, scvl_pairs, scvl_split_loss, value_loss
+from ..core import SynAPOParams, hvm_critic_loss, scvl_pair_values, scvl_pairs, scvl_split_loss, value_loss
 from .critic import critic_values
 
 __all__ = ["CriticBatch", "SCVLSides", "scvl_sides", "update_critic"]
@@ -78,8 +78,7 @@ def scvl_sides(
         threshold=params.scvl_threshold,
         max_pairs=params.scvl_max_pairs,
     )
-    after = pairs.diverge_index + 1  # V(s_d) is shared: compare the states after the divergent token
-    pos_values, neg_values = values[pairs.pos_index, after], values[pairs.neg_index, after]
+    pos_values, neg_values = scvl_pair_values(values, pairs)
     rows = local_index[torch.cat([pairs.pos_index, pairs.neg_index])]
     is_local = rows >= 0
     n_pairs = int(pairs.pos_index.numel())
