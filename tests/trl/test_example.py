@@ -1,0 +1,45 @@
+"""Smoke test of examples/trl_synapo.py: a few steps through the CLI, exit 0, progress and summary printed (~10 s)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("trl")
+
+pytestmark = pytest.mark.trl
+
+EXAMPLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "trl_synapo.py"
+)
+
+
+def _run(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, EXAMPLE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_help_lists_synapo_options():
+    out = _run("--help")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for option in ("--preset", "--ea_gae_alpha", "--critic_learning_rate", "--value_warmup_steps", "--print_every"):
+        assert option in out.stdout
+
+
+def test_example_runs_a_few_steps(tmp_path):
+    out = _run(
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--value_warmup_steps", "1",
+        "--print_every", "2", "--num_threads", "1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2", "4"], out.stdout
+    assert all("reward=" in line and "vf_loss=" in line for line in steps), out.stdout
+    assert any(line.startswith("mean reward: first 4 steps") for line in lines), out.stdout
+    assert any(line.startswith("greedy accuracy:") for line in lines), out.stdout
+    assert os.path.isdir(tmp_path / "out" / "critic")
