@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import backend
+from ._checks import check_mask
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
 from .gae import compute_gae
@@ -101,8 +102,9 @@ def compute_synapo_advantages(
     Returns:
         SynAPOAdvantages.
     """
+    # validate and convert the mask once (an int64 mask is 8x the bytes of a bool one, and every function reads it)
+    response_mask = mask = check_mask(response_mask)
     lam = actor_lambda(params, response_mask, entropy)
-    mask = response_mask != 0
     metrics: dict[str, float] = {}
     if isinstance(lam, torch.Tensor):
         lam_mean, lam_min, lam_max = backend.masked_stats(lam, mask)
