@@ -37,7 +37,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` holds {bad} NaN/inf entries; all entries must be finite")
 
 
-def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torch.Tensor:
+def check_mask(response_mask: object) -> torch.Tensor:
     """Validate a (B, T) 0/1 mask (bool, integer or float) and return it as bool.
 
     Raises:
@@ -54,14 +54,13 @@ def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torc
         if low < 0 or high > 1 or (mask.is_floating_point() and int((mask == 1).sum()) != int(nonzero.sum())):
             raise ValueError("`response_mask` must hold only 0 and 1")
         mask = nonzero
-    if not allow_empty_rows:
-        empty = ~mask.any(dim=1)
-        if bool(empty.any()):
-            rows = empty.nonzero().flatten()[:5].tolist()
-            raise ValueError(
-                f"`response_mask` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
-                "every response needs at least one token"
-            )
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"`response_mask` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
+            "every response needs at least one token"
+        )
     return mask
 
 

@@ -27,18 +27,16 @@ def _kernel(fn):
 
 
 @_kernel
-def row_lengths(mask, lengths, last_plus_one):
-    """Per row: number of valid tokens and (last valid position + 1)."""
+def row_lengths(mask, out):
+    """Per row: last valid position + 1 (0 for a row with no valid token), scanning from the end."""
     B, T = mask.shape
     for b in prange(B):
-        count = 0
         last = 0
-        for t in range(T):
+        for t in range(T - 1, -1, -1):
             if mask[b, t]:
-                count += 1
                 last = t + 1
-        lengths[b] = count
-        last_plus_one[b] = last
+                break
+        out[b] = last
 
 
 @_kernel

@@ -167,12 +167,11 @@ def numba_hvm(k: SimpleNamespace, r, v_loc, v_glob, mask, seg_ids, lam, gamma, g
     return advantages, local_returns, global_returns, start_mask
 
 
-def numba_row_lengths(k: SimpleNamespace, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(number of valid tokens, last valid position + 1), int64 (B,) each."""
-    lengths = torch.empty(mask.shape[0], dtype=torch.long)
-    last_plus_one = torch.empty_like(lengths)
-    k.row_lengths(as_numpy(mask), as_numpy(lengths), as_numpy(last_plus_one))
-    return lengths, last_plus_one
+def numba_row_lengths(k: SimpleNamespace, mask: torch.Tensor) -> torch.Tensor:
+    """Last valid position + 1 of each row, int64 (B,)."""
+    out = torch.empty(mask.shape[0], dtype=torch.long)
+    k.row_lengths(as_numpy(mask), as_numpy(out))
+    return out
 
 
 def numba_divergence(k: SimpleNamespace, ids, pos, neg, shortest) -> torch.Tensor:

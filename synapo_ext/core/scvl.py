@@ -96,7 +96,7 @@ def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
     """A row's length is its last valid position + 1 (SPEC), int64 (B,)."""
     kernels = backend.kernels(mask)
     if kernels is not None:
-        return backend.numba_row_lengths(kernels, mask)[1]
+        return backend.numba_row_lengths(kernels, mask)
     T = mask.shape[1]
     return T - mask.flip(1).int().argmax(dim=1)
 

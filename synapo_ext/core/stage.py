@@ -103,11 +103,11 @@ def compute_synapo_advantages(
         SynAPOAdvantages.
     """
     # validate and convert the mask once (an int64 mask is 8x the bytes of a bool one, and every function reads it)
-    response_mask = mask = check_mask(response_mask)
+    response_mask = check_mask(response_mask)
     lam = actor_lambda(params, response_mask, entropy)
     metrics: dict[str, float] = {}
     if isinstance(lam, torch.Tensor):
-        lam_mean, lam_min, lam_max = backend.masked_stats(lam, mask)
+        lam_mean, lam_min, lam_max = backend.masked_stats(lam, response_mask)
         metrics.update({"ea_gae/lambda_mean": lam_mean, "ea_gae/lambda_min": lam_min, "ea_gae/lambda_max": lam_max})
     out: SynAPOAdvantages
     if params.hvm_enabled:
