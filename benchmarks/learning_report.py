@@ -55,6 +55,12 @@ def samples_to(curve: list[dict], threshold: float) -> float | None:
     return None
 
 
+def critic_ev(runs: list[dict]) -> str:
+    """Median over the runs' optimizer steps of the critic's explained variance (measured before each update)."""
+    evs = sorted(x for r in runs for x in r["train_logs"].get("critic/explained_variance", []))
+    return f"{evs[len(evs) // 2]:.2f}" if evs else "-"
+
+
 def load_runs(out: str, key: str) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
@@ -93,11 +99,15 @@ def write_report(a, key: str, header: list[str]) -> str:
             f"Setup `{key}`: every method starts from the same warm start (greedy held-out accuracy "
             f"{100 * start:.1f} %) and gets {budget} generated completions (critic warm-up rollouts included). "
             f"Accuracy = greedy pass@1 on {n_eval} held-out prompts (strict format, final answer right), in %. "
-            f"Intervals are 95 % t intervals over seeds; differences use Welch's interval.",
+            f"Intervals are 95 % t intervals over seeds; differences use Welch's interval. 'critic EV': median "
+            "over all steps and seeds of the critic's explained variance on each new rollout batch, before the "
+            "critic's update on it (1 = perfect values, 0 = no better than a constant; `critic_probe.md` measures "
+            "how much of the return a critic can explain on this task).",
             "",
             f"| method | seeds | greedy acc at {budget // 2} | final greedy acc | exact chain | final T=1 acc | "
-            f"samples to {100 * a.threshold:.0f} % (reached) | final vs grpo | final vs synapo | min/run |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"samples to {100 * a.threshold:.0f} % (reached) | final vs grpo | final vs synapo | "
+            "critic EV | min/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         finals = {m: [r["final_greedy"] for r in runs[m]] for m in order}
         noise = []
@@ -122,7 +132,7 @@ def write_report(a, key: str, header: list[str]) -> str:
             wall = sum(r["wall_s"] for r in rs) / len(rs) / 60
             lines.append(
                 f"| {m} | {len(rs)} | {fmt(*half_way)} | {fmt(*greedy)} | {fmt(*exact)} | {fmt(*t1)} | {to} "
-                f"| {cells[0]} | {cells[1]} | {wall:.1f} |"
+                f"| {cells[0]} | {cells[1]} | {critic_ev(rs)} | {wall:.1f} |"
             )
         inside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if ins})
         outside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if not ins})

@@ -71,3 +71,43 @@ def test_quick_end_to_end_and_resume(tmp_path, capfd):
         assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
     assert learning.main(argv) == 0  # resume: nothing left to run
     assert "2 finished run(s) skipped, 0 to run" in capfd.readouterr().out
+
+
+def test_critic_probe_features_and_lookup_value():
+    import critic_probe
+    import torch
+
+    cfg = task_chain.TaskConfig()
+    tokenizer = task_chain.make_tokenizer()
+    prompt, start, ops = task_chain.make_prompt(random.Random(3), cfg.num_steps)
+    good = task_chain.trace(start, ops)
+    value = int(good.split("\n\n")[0][-1])
+    bad = good.replace(f"={value}", f"={(value + 1) % 10}", 1)  # step 0 wrong, later steps as in the good trace
+    rows = [tokenizer(prompt)["input_ids"] + tokenizer(c)["input_ids"] for c in (good, bad)]
+    P = len(tokenizer(prompt)["input_ids"])
+    data = {"ids": torch.tensor(rows), "mask": torch.ones(2, len(rows[0]) - P), "P": P}
+    feats = critic_probe.prefix_features(data, tokenizer)
+    wrong_digit = len("a:0+0=0") - 1  # token index of step 0's result
+    assert feats["wrong_before"][0].sum() == 0
+    assert feats["wrong_before"][1, : wrong_digit + 1].sum() == 0 and feats["wrong_before"][1, wrong_digit + 1 :].all()
+    assert feats["step"][0, wrong_digit + 1] == 0 and feats["step"][0, wrong_digit + 2] == 1  # "\n\n" ends step 0
+    assert feats["step"][0, -1] == cfg.num_steps
+    assert feats["bug_ops"][0] == sum(op in task_chain.BUGS for op in ops)
+    # lookup value: the training mean per key, the training mean for an unseen key
+    keys, mask = torch.tensor([[1, 1], [2, 2], [3, 3]]), torch.ones(3, 2)
+    returns = torch.tensor([[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    v = critic_probe.table_value(keys, returns, mask, slice(0, 2))
+    assert v.tolist() == [[0.5, 0.5], [1.0, 1.0], [0.75, 0.75]]
+    assert critic_probe.explained_variance(returns, returns, mask) == 1.0
+
+
+def test_critic_probe_end_to_end(tmp_path):
+    import critic_probe
+
+    out = tmp_path / "probe.md"
+    argv = ["--train", "32", "--test", "16", "--epochs", "1", "--every", "1", "--sft_steps", "20",
+            "--out", str(out), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert critic_probe.main(argv) == 0
+    text = out.read_text()
+    assert "| critic, outcome target, after 1 steps" in text and "positive control" in text
+    assert "nan" not in text  # a 20-step warm start never succeeds: EV is reported undefined, not NaN

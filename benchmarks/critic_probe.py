@@ -1,0 +1,216 @@
+"""Can a critic learn this task's values? An offline probe on the learning benchmark's warm start (learning.py).
+
+SynAPO's parts assign credit through the critic: if V(s_t) does not fall after a wrong step, HVM, SCVL and EA-GAE
+have nothing to work with. This probe samples rollouts of the frozen warm-start policy (temperature 1, as in RL),
+then measures, on held-out rollouts, how much of the return's variance a value can explain:
+
+1. the outcome's statistics: success rate, P(success | a wrong step already written), P(success | none yet);
+2. a ceiling: a lookup-table value fitted on the training rollouts from three hand-made features of the prefix
+   (a wrong step already written, the step index, the number of misconception-prone operations in the prompt);
+3. the benchmark's critic (initialised from the policy, zero value head, the adapter's clipped value loss, AdamW,
+   batch 32) trained on the Monte-Carlo outcome target (what VAPO's value warm-up and the RL runs train on);
+4. a positive control: the same critic trained on a noise-free target, P(success | no wrong step yet) where no
+   wrong step has been written and 0 after one; it shows whether the critic can detect a wrong step at all.
+
+Explained variance = 1 - Var(return - V) / Var(return) over valid tokens of the held-out rollouts.
+
+    python benchmarks/critic_probe.py                   # ~6 min on one CPU thread
+    python benchmarks/critic_probe.py --epochs 1 --train 1024 --test 256   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from task_chain import BUGS, apply, completion_length, generate, parse_prompt, rl_dataset, score, warm_start  # noqa: E402
+
+STEP = re.compile(r"[a-z]:(\d)([+\-*])(\d)=(\d)$")
+
+
+def rollouts(model, tokenizer, prompts: list[str], cfg, seed: int) -> dict[str, torch.Tensor]:
+    """Sampled completions (T=1) as padded tensors: ids (N, P + T), mask (N, T), score (N,)."""
+    T = completion_length(cfg) + 4
+    outs = generate(model, tokenizer, prompts, max_new_tokens=T, temperature=1.0, seed=seed)
+    ids, mask, scores = [], [], []
+    for prompt, (text, ended) in zip(prompts, outs, strict=True):
+        completion = (tokenizer(text)["input_ids"] + ([tokenizer.eos_token_id] if ended else []))[:T]
+        pad = T - len(completion)
+        ids.append(tokenizer(prompt)["input_ids"] + completion + [tokenizer.pad_token_id] * pad)
+        mask.append([1.0] * len(completion) + [0.0] * pad)
+        scores.append(score(prompt, text, ended))
+    prompt_len = len(tokenizer(prompts[0])["input_ids"])  # every prompt has the same length
+    return {"ids": torch.tensor(ids), "mask": torch.tensor(mask), "score": torch.tensor(scores), "P": prompt_len}
+
+
+def prefix_features(data: dict, tokenizer) -> dict[str, torch.Tensor]:
+    """Per token t (state s_t, tokens < t seen): a wrong step already written; step index; prompt's bug-op count."""
+    ids, P = data["ids"], data["P"]
+    N, T = data["mask"].shape
+    wrong_before, step = torch.zeros(N, T), torch.zeros(N, T, dtype=torch.long)
+    bug_ops = torch.zeros(N, dtype=torch.long)
+    for n in range(N):  # a diagnostic on 5k rollouts, not a hot path
+        _, ops = parse_prompt(tokenizer.decode(ids[n, :P]))
+        bug_ops[n] = sum(op in BUGS for op in ops)
+        text, wrong, k = "", False, 0
+        for t, token in enumerate(tokenizer.convert_ids_to_tokens(ids[n, P:].tolist())):
+            wrong_before[n, t], step[n, t] = float(wrong), k
+            text += token
+            m = STEP.search(text)
+            if token == "\n\n":
+                k += 1
+            elif m and apply(m.group(2), int(m.group(3)), int(m.group(1))) != int(m.group(4)):
+                wrong = True
+    return {"wrong_before": wrong_before, "step": step, "bug_ops": bug_ops}
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """1 - Var(return - V) / Var(return) over valid tokens; None when the return is constant (EV undefined)."""
+    m = mask.bool()
+    target, residual = returns[m].double(), (returns - values)[m].double()
+    return float(1 - residual.var() / target.var()) if target.var() > 0 else None
+
+
+def show(ev: float | None) -> str:
+    return "undefined (constant return)" if ev is None else f"{ev:.3f}"
+
+
+def table_value(keys: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, train: slice) -> torch.Tensor:
+    """V = mean training return of the tokens that share the key (unseen keys: the training mean)."""
+    m = mask[train].bool()
+    k_train, r_train = keys[train][m], returns[train][m]
+    uniq, inverse = torch.unique(k_train, return_inverse=True)
+    means = torch.zeros(uniq.numel()).index_add_(0, inverse, r_train) / torch.bincount(inverse).float()
+    pos = torch.searchsorted(uniq, keys).clamp(max=uniq.numel() - 1)
+    return torch.where(uniq[pos] == keys, means[pos], r_train.mean())
+
+
+def train_critic(policy, data, returns, train: slice, test: slice, *, lr: float, epochs: int, every: int, log):
+    """The benchmark's critic on `returns`: held-out explained variance every `every` optimizer steps."""
+    from synapo_ext.core import value_loss
+    from synapo_ext.trl.critic import build_critic, critic_values
+
+    torch.manual_seed(0)
+    critic = build_critic(None, policy, num_heads=1)
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=lr)
+    ids, mask, P = data["ids"], data["mask"], data["P"]
+    T = mask.size(1)
+    attention = torch.cat([torch.ones(ids.size(0), P), mask], dim=1).long()
+
+    @torch.no_grad()
+    def held_out_ev() -> float:
+        critic.eval()
+        rows = range(test.start, test.stop)
+        values = torch.cat([critic_values(critic, ids[i : i + 256], attention[i : i + 256], T)[..., 0]
+                            for i in range(rows.start, rows.stop, 256)])  # fmt: skip
+        critic.train()
+        return explained_variance(returns[test], values[: len(rows)], mask[test])
+
+    curve, step, batch = [], 0, 32
+    for _ in range(epochs):
+        for i in range(train.start, train.stop, batch):
+            rows = slice(i, min(i + batch, train.stop))
+            values = critic_values(critic, ids[rows], attention[rows], T)[..., 0]
+            loss, _ = value_loss(values, returns[rows], mask[rows], old_values=values.detach(), cliprange_value=0.5)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            if step % every == 0:
+                curve.append((step, held_out_ev()))
+                log(f"  step {step}: held-out EV {show(curve[-1][1])}")
+    return curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=4096, help="training rollouts (512 prompts x 8)")
+    parser.add_argument("--test", type=int, default=1024, help="held-out rollouts (other prompts)")
+    parser.add_argument("--epochs", type=int, default=2, help="critic passes over the training rollouts")
+    parser.add_argument("--critic_learning_rate", type=float, default=1e-3, help="the learning benchmark's default")
+    parser.add_argument("--every", type=int, default=64, help="evaluate every this many critic steps")
+    parser.add_argument("--sft_steps", type=int, default=3000, help="warm-start supervised steps (learning.py's)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "learning", "critic_probe.md"))
+    parser.add_argument("--cache_dir", default=os.path.join(HERE, "cache", "learning"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from learning import Args, task_config
+    from learning_run import load_policy
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    start = time.perf_counter()
+    cfg = task_config(Args(sft_steps=args.sft_steps))
+    policy, tokenizer = load_policy(warm_start(cfg, 0, args.cache_dir))
+    n = args.train + args.test
+    prompts = [row["prompt"] for row in rl_dataset(cfg, n=n // 8 + 1, seed=0) for _ in range(8)][:n]
+    data = rollouts(policy, tokenizer, prompts, cfg, seed=1)
+    feats = prefix_features(data, tokenizer)
+    train, test = slice(0, args.train), slice(args.train, n)
+    mask, success = data["mask"], data["score"]
+    returns = success[:, None] * mask  # Monte-Carlo return, gamma 1, reward on the last token
+    log(f"{n} rollouts sampled and featurised ({time.perf_counter() - start:.0f}s)")
+
+    m, wrong = mask.bool(), feats["wrong_before"].bool()
+    p_wrong, p_clean = (float(returns[m & w].mean()) if (m & w).any() else 0.0 for w in (wrong, ~wrong))
+    keys = feats["wrong_before"].long() * 10_000 + feats["bug_ops"][:, None] * 100 + feats["step"]
+    ceilings = {
+        "wrong step written": table_value(feats["wrong_before"].long(), returns, mask, train),
+        "bug ops in prompt": table_value(feats["bug_ops"][:, None].expand_as(mask).contiguous(), returns, mask, train),
+        "wrong step written x step x bug ops": table_value(keys, returns, mask, train),
+    }
+    ceiling_ev = {name: explained_variance(returns[test], v[test], mask[test]) for name, v in ceilings.items()}
+    for name, ev in ceiling_ev.items():
+        log(f"lookup value from ({name}): held-out EV {show(ev)}")
+    clean_target = (p_clean * (1 - feats["wrong_before"])) * mask
+    kw = dict(lr=args.critic_learning_rate, epochs=args.epochs, every=args.every, log=log)
+    log("critic on the outcome (Monte-Carlo) target:")
+    outcome_curve = train_critic(policy, data, returns, train, test, **kw)
+    log("critic on the noise-free 'no wrong step yet' target (positive control):")
+    control_curve = train_critic(policy, data, clean_target, train, test, **kw)
+
+    command = " ".join(["python", "benchmarks/critic_probe.py", *(sys.argv[1:] if argv is None else argv)])
+    lines = [
+        "# Critic probe: can the benchmark's critic learn this task's values?",
+        "",
+        f"Command: `{command}` ({time.perf_counter() - start:.0f}s, one CPU thread). Warm start of the learning "
+        f"benchmark (seed 0), {args.train} training and {args.test} held-out rollouts at temperature 1 "
+        "(8 per prompt, disjoint prompts). EV = held-out explained variance of the Monte-Carlo return.",
+        "",
+        f"- success rate {100 * float(success.mean()):.1f} %; per token, P(success | a wrong step already "
+        f"written) = {100 * p_wrong:.1f} % and P(success | none yet) = {100 * p_clean:.1f} %; "
+        f"{100 * float(wrong[m].float().mean()):.0f} % of the valid tokens come after a wrong step.",
+        "",
+        "| value | held-out EV |",
+        "|---|---|",
+        *[
+            f"| lookup table on ({name}), fitted on the training rollouts | {show(ev)} |"
+            for name, ev in ceiling_ev.items()
+        ],  # fmt: skip
+        *[
+            f"| critic, outcome target, after {s} steps (lr {args.critic_learning_rate:g}) | {show(ev)} |"
+            for s, ev in outcome_curve
+        ],  # fmt: skip
+        *[
+            f"| positive control: critic on the noise-free target, after {s} steps (EV of that target) | {show(ev)} |"
+            for s, ev in control_curve
+        ],  # fmt: skip
+    ]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
