@@ -61,6 +61,26 @@ def critic_ev(runs: list[dict]) -> str:
     return f"{evs[len(evs) // 2]:.2f}" if evs else "-"
 
 
+def credit_shares(runs: list[dict], tokens_per_step: int = 8) -> tuple[float, float] | None:
+    """On the picture's responses (final critic, advantages not whitened), averaged over responses and seeds:
+    (share of sum |A| on the first half of the tokens, share of the wrong answers' negative advantage that sits
+    on their first wrong step's tokens). Even spread: 0.5 and tokens_per_step / response length (~0.08)."""
+    early, on_step = [], []
+    for run in runs:
+        for item in run.get("credit") or []:
+            adv = item["advantages"]
+            total = sum(abs(x) for x in adv)
+            if total > 0:
+                early.append(sum(abs(x) for x in adv[: len(adv) // 2]) / total)
+            k = item.get("wrong_step")
+            blame = [max(-x, 0.0) for x in adv]
+            if k is not None and sum(blame) > 0:
+                on_step.append(sum(blame[k * tokens_per_step : (k + 1) * tokens_per_step]) / sum(blame))
+    if not early:
+        return None
+    return sum(early) / len(early), (sum(on_step) / len(on_step) if on_step else float("nan"))
+
+
 def load_runs(out: str, key: str) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
@@ -136,6 +156,21 @@ def write_report(a, key: str, header: list[str]) -> str:
             )
         inside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if ins})
         outside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if not ins})
+        credit_rows = [(m, credit_shares(runs[m])) for m in order]
+        credit_rows = [(m, c) for m, c in credit_rows if c is not None]
+        if credit_rows:
+            length = len(next(r for m, _ in credit_rows for r in runs[m] if r["credit"])["credit"][0]["advantages"])
+            lines += [
+                "",
+                "**Where the credit went** (the credit picture's fixed held-out responses, each run's final critic, "
+                f"advantages not whitened, mean over responses and seeds; {length} tokens, 8 per step): share of "
+                "sum |A| on the first half of the answer (even spread: 0.50), and share of a wrong answer's negative "
+                f"advantage on its first wrong step (even spread: {8 / length:.2f}).",
+                "",
+                "| method | \\|A\\| on the first half | blame on the wrong step |",
+                "|---|---|---|",
+                *[f"| {m} | {early:.2f} | {step:.2f} |" for m, (early, step) in credit_rows],
+            ]
         lines += [
             "",
             f"**Noise.** One evaluation of {n_eval} prompts has a binomial standard error of about "
@@ -243,7 +278,7 @@ def plot_credit(runs: dict[str, list[dict]], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    panels = [(m, min(runs[m], key=lambda r: r["seed"])) for m in ("synapo", "ppo") if m in runs]
+    panels = [(m, min(runs[m], key=lambda r: r["seed"])) for m in ("synapo", "vapo", "ppo") if m in runs]
     panels = [(m, r) for m, r in panels if r.get("credit")]
     if not panels:
         return
