@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPU cores, one thread per run, {a.jobs} runs at once; "
         f"setup {setup_key(a)})."
     ]
+    if a.report_only:
+        header[0] += " This rebuilt the report from finished runs; each run's JSON holds its setup and wall time."
+
     print(header[0], flush=True)
     print(f"setup: {json.dumps(asdict(a))}", flush=True)
     if a.warm_start_only:
