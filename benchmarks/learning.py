@@ -34,6 +34,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "synapo-no-eagae", "synapo-beta-neg"]
+# Diagnostic variants, run only when named: VAPO with the actor's lambda fixed at 1 (A_t = G_t - V_t), which tests
+# whether VAPO's length-adaptive lambda (about 0.80 for ~100 tokens) is what keeps the outcome from the early steps
+EXTRA_METHODS = ["vapo-lambda1"]
 
 
 @dataclass
@@ -41,7 +44,8 @@ class Args:
     """Benchmark settings (defaults: the full CPU run)."""
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """methods to run: `grpo` (TRL's GRPOTrainer), the SynAPO presets, `synapo-beta-neg` (EA-GAE beta < 0)"""
+    """methods to run: `grpo` (TRL's GRPOTrainer), the SynAPO presets, `synapo-beta-neg` (EA-GAE beta < 0); also
+    `vapo-lambda1` (VAPO with the actor's lambda fixed at 1, a diagnostic outside the default list)"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     """RL seeds (sampling, data order); every seed starts from the same warm start"""
     samples: int = 8192
@@ -156,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     import trl
     from learning_report import write_report
 
-    unknown = sorted(set(a.methods) - set(METHODS))
+    unknown = sorted(set(a.methods) - set(METHODS) - set(EXTRA_METHODS))
     if unknown:
-        raise SystemExit(f"unknown --methods {unknown}; choose from {METHODS}")
+        raise SystemExit(f"unknown --methods {unknown}; choose from {METHODS + EXTRA_METHODS}")
     command = " ".join(["python", "benchmarks/learning.py", *argv])
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"

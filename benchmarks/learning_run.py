@@ -167,8 +167,11 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
         return GRPOTrainer(
             model=model, reward_funcs=[reward_fn], args=args, train_dataset=dataset, processing_class=tokenizer
         )
-    preset = "synapo" if method == "synapo-beta-neg" else method
-    extra = {"ea_gae_beta": a.ea_gae_beta_neg} if method == "synapo-beta-neg" else {}
+    variants = {
+        "synapo-beta-neg": ("synapo", {"ea_gae_beta": a.ea_gae_beta_neg}),
+        "vapo-lambda1": ("vapo", {"length_adaptive_lambda": False, "gae_lambda": 1.0}),
+    }
+    preset, extra = variants.get(method, (method, {}))
     warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
     args = SynAPOConfig(
         **common, preset=preset, critic_learning_rate=a.critic_learning_rate, value_warmup_steps=warmup, **extra
