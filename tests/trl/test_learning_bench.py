@@ -111,3 +111,26 @@ def test_critic_probe_end_to_end(tmp_path):
     text = out.read_text()
     assert "| critic, outcome target, after 1 steps" in text and "positive control" in text
     assert "nan" not in text  # a 20-step warm start never succeeds: EV is reported undefined, not NaN
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("vapo-lambda1", {"length_adaptive_lambda": False, "gae_lambda": 1.0, "hvm_enabled": False}),
+        ("synapo-beta-neg", {"ea_gae_beta": -0.05, "hvm_enabled": True, "length_adaptive_lambda": True}),
+        ("synapo-no-hvm", {"hvm_enabled": False, "scvl_enabled": True, "ea_gae_beta": 0.05}),
+    ],
+)
+def test_method_variants_reach_the_trainer(tmp_path, method, expected):
+    import learning
+    import learning_run
+
+    a = learning.parse_args(["--quick", "--samples", "64", "--out", str(tmp_path)])
+    cfg = task_chain.TaskConfig(sft_steps=a.sft_steps)
+    tokenizer = task_chain.make_tokenizer()
+    model = task_chain.make_model(tokenizer, cfg, seed=0)
+    dataset = task_chain.rl_dataset(cfg, n=16, seed=0)
+    trainer = learning_run.build_trainer(
+        a, method, 0, model, tokenizer, lambda completions, **kw: [0.0] * len(completions), dataset, str(tmp_path)
+    )
+    assert {k: getattr(trainer.synapo, k) for k in expected} == expected
