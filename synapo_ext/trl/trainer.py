@@ -234,6 +234,7 @@ class SynAPOTrainer(GRPOTrainer):
         advantages = torch.zeros(B, T, device=device)
         advantages[valid] = result.advantages.float()
         output["advantages"] = advantages * mask
+        self._log_row_advantages(output["advantages"], mask)
         output["synapo_positive"] = scores >= params.scvl_threshold
         metrics = dict(result.metrics)
         if entropy is not None:
@@ -284,6 +285,16 @@ class SynAPOTrainer(GRPOTrainer):
         self._critic_updates += 1
         metrics["critic/warmup_done"] = float(self._warmup_done)
         self._log_metrics(mode, metrics, totals)
+
+    def _log_row_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+        """Show SynAPO's advantages in TRL's completions table: TRL logged its GRPO ones for these rows; replace
+        them by each row's mean over valid tokens (all processes' rows, in TRL's order)."""
+        row_means = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        row_means = self.accelerator.gather(row_means).tolist()
+        logged = self._logs["advantages"]
+        for _ in range(min(len(row_means), len(logged))):
+            logged.pop()
+        logged.extend(row_means)
 
     def _scvl_scope(self, completion_ids, mask, valid, all_scores, values, offset, num_generations):
         """SCVL sides for this process: pairs from its own rows when its groups are whole, else from all ranks'."""

@@ -95,6 +95,10 @@ def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, monkeypatch)
     m = mask.bool()
     torch.testing.assert_close(output["advantages"].double()[m], advantages[m], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch.returns.double()[m], returns[m], rtol=1e-5, atol=1e-5)
+    # TRL's completions table shows these advantages (each row's mean over valid tokens), not GRPO's
+    logged = list(trainer._logs["advantages"])[-mask.size(0) :]
+    expected_rows = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
+    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), expected_rows, rtol=1e-5, atol=1e-5)
     # second rollout: the critic has moved, values are non-zero
     output = trainer._generate_and_score_completions(_inputs(trainer))
     batch = seen["batch"]
