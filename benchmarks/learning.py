@@ -12,6 +12,7 @@ evaluated greedily (the main metric) every `eval_every` samples.
     python benchmarks/learning.py --warm_start_only --seeds 0 1 2   # warm starts of 3 seeds and their accuracy
     python benchmarks/learning.py --methods vapo-lambda1      # diagnostic: VAPO with the actor's lambda fixed at 1
     python benchmarks/critic_probe.py                         # can a critic learn this task's values? (offline)
+    python benchmarks/critic_sanity.py                        # the trainer's critic on a value the prompt decides
 
 Each (method, seed) writes `<out>/runs/<method>_s<seed>.json` when it finishes; a rerun skips the runs whose file
 exists with the same setup, so an interrupted benchmark resumes where it stopped. Outputs: `<out>/learning.md`
