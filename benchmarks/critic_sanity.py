@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def run(method: str, steps: int, cache_dir: str) -> list[float]:
+def run(method: str, steps: int, cache_dir: str, sft_steps: int) -> list[float]:
     """Explained variance of `method`'s critic at every step, policy frozen, reward = start digit < 5."""
     import torch
 
@@ -31,7 +31,8 @@ def run(method: str, steps: int, cache_dir: str) -> list[float]:
     from task_chain import rl_dataset, warm_start
     from transformers import PrinterCallback, TrainerCallback
 
-    a = learning.parse_args(["--samples", str(32 * steps), "--learning_rate", "0", "--value_warmup_steps", "0"])
+    frozen = ["--learning_rate", "0", "--value_warmup_steps", "0"]
+    a = learning.parse_args(["--samples", str(32 * steps), "--sft_steps", str(sft_steps), *frozen])
     cfg = learning.task_config(a)
     model, tokenizer = learning_run.load_policy(warm_start(cfg, a.warm_start_seed, cache_dir))
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["vapo", "synapo"])
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--every", type=int, default=16, help="table rows: mean EV over this many steps")
+    parser.add_argument("--sft_steps", type=int, default=3000, help="warm-start supervised steps (learning.py's)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "learning", "critic_sanity.md"))
     parser.add_argument("--cache_dir", default=os.path.join(HERE, "cache", "learning"))
     args = parser.parse_args(argv)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=min(2, len(args.methods))) as pool:
         n = len(args.methods)
-        evs = pool.map(run, args.methods, [args.steps] * n, [args.cache_dir] * n)
+        evs = pool.map(run, args.methods, [args.steps] * n, [args.cache_dir] * n, [args.sft_steps] * n)
         curves = dict(zip(args.methods, evs, strict=True))
     command = " ".join(["python", "benchmarks/critic_sanity.py", *(sys.argv[1:] if argv is None else argv)])
     rows = range(0, args.steps, args.every)

@@ -134,3 +134,14 @@ def test_method_variants_reach_the_trainer(tmp_path, method, expected):
         a, method, 0, model, tokenizer, lambda completions, **kw: [0.0] * len(completions), dataset, str(tmp_path)
     )
     assert {k: getattr(trainer.synapo, k) for k in expected} == expected
+
+
+def test_critic_sanity_end_to_end(tmp_path):
+    import critic_sanity
+
+    out = tmp_path / "sanity.md"
+    argv = ["--methods", "vapo", "--steps", "2", "--every", "1", "--sft_steps", "20",
+            "--out", str(out), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert critic_sanity.main(argv) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1-1 |") or line.startswith("| 2-2 |")]
+    assert len(rows) == 2 and "nan" not in out.read_text()
