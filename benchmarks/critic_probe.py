@@ -7,7 +7,7 @@ then measures, on held-out rollouts, how much of the return's variance a value c
 1. the outcome's statistics: success rate, P(success | a wrong step already written), P(success | none yet);
 2. a ceiling: a lookup-table value fitted on the training rollouts from three hand-made features of the prefix
    (a wrong step already written, the step index, the number of misconception-prone operations in the prompt);
-3. the benchmark's critic (initialised from the policy, zero value head, the adapter's clipped value loss, AdamW,
+3. the benchmark's critic (initialised from the policy, zero value head, the adapter's value loss, AdamW,
    batch 32) trained on the Monte-Carlo outcome target (what VAPO's value warm-up and the RL runs train on);
 4. a positive control: the same critic trained on a noise-free target, P(success | no wrong step yet) where no
    wrong step has been written and 0 after one; it shows whether the critic can detect a wrong step at all.
@@ -36,7 +36,7 @@ STEP = re.compile(r"[a-z]:(\d)([+\-*])(\d)=(\d)$")
 
 
 def rollouts(model, tokenizer, prompts: list[str], cfg, seed: int) -> dict[str, torch.Tensor]:
-    """Sampled completions (T=1) as padded tensors: ids (N, P + T), mask (N, T), score (N,)."""
+    """Sampled completions (T=1) as padded tensors: ids and attention (N, P + T), mask (N, T), score (N,)."""
     T = completion_length(cfg) + 4
     outs = generate(model, tokenizer, prompts, max_new_tokens=T, temperature=1.0, seed=seed)
     ids, mask, scores = [], [], []
@@ -47,13 +47,16 @@ def rollouts(model, tokenizer, prompts: list[str], cfg, seed: int) -> dict[str, 
         mask.append([1.0] * len(completion) + [0.0] * pad)
         scores.append(score(prompt, text, ended))
     prompt_len = len(tokenizer(prompts[0])["input_ids"])  # every prompt has the same length
-    return {"ids": torch.tensor(ids), "mask": torch.tensor(mask), "score": torch.tensor(scores), "P": prompt_len}
+    mask = torch.tensor(mask)
+    attention = torch.cat([torch.ones(len(ids), prompt_len), mask], dim=1).long()
+    return {"ids": torch.tensor(ids), "attention": attention, "mask": mask, "score": torch.tensor(scores)}
 
 
 def prefix_features(data: dict, tokenizer) -> dict[str, torch.Tensor]:
     """Per token t (state s_t, tokens < t seen): a wrong step already written; step index; prompt's bug-op count."""
-    ids, P = data["ids"], data["P"]
+    ids = data["ids"]
     N, T = data["mask"].shape
+    P = ids.size(1) - T  # prompt length
     wrong_before, step = torch.zeros(N, T), torch.zeros(N, T, dtype=torch.long)
     bug_ops = torch.zeros(N, dtype=torch.long)
     for n in range(N):  # a diagnostic on 5k rollouts, not a hot path
@@ -96,9 +99,8 @@ def table_value(keys: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, t
 def linear_probe_ev(policy, data: dict, returns: torch.Tensor, train: slice, test: slice) -> float | None:
     """Ridge regression of `returns` on the frozen policy's last hidden state at s_t (what a critic initialised from
     the policy starts from): the held-out EV of the best linear value head without training the backbone."""
-    ids, mask, P = data["ids"], data["mask"], data["P"]
+    ids, attention, mask = data["ids"], data["attention"], data["mask"]
     T = mask.size(1)
-    attention = torch.cat([torch.ones(ids.size(0), P), mask], dim=1).long()
     hidden = torch.cat([policy.model(input_ids=ids[i : i + 256], attention_mask=attention[i : i + 256])
                         .last_hidden_state[:, -T - 1 : -1] for i in range(0, ids.size(0), 256)]).double()  # fmt: skip
     x = torch.cat([hidden, torch.ones(*hidden.shape[:2], 1, dtype=hidden.dtype)], dim=-1)  # (N, T, d + 1)
@@ -116,25 +118,24 @@ def train_critic(policy, data, returns, train: slice, test: slice, *, lr: float,
     torch.manual_seed(0)
     critic = build_critic(None, policy, num_heads=1)
     optimizer = torch.optim.AdamW(critic.parameters(), lr=lr)
-    ids, mask, P = data["ids"], data["mask"], data["P"]
+    ids, attention, mask = data["ids"], data["attention"], data["mask"]
     T = mask.size(1)
-    attention = torch.cat([torch.ones(ids.size(0), P), mask], dim=1).long()
 
     @torch.no_grad()
     def held_out_ev() -> float:
         critic.eval()
-        rows = range(test.start, test.stop)
-        values = torch.cat([critic_values(critic, ids[i : i + 256], attention[i : i + 256], T)[..., 0]
-                            for i in range(rows.start, rows.stop, 256)])  # fmt: skip
+        test_ids, test_attention = ids[test], attention[test]
+        values = torch.cat([critic_values(critic, test_ids[i : i + 256], test_attention[i : i + 256], T)[..., 0]
+                            for i in range(0, test_ids.size(0), 256)])  # fmt: skip
         critic.train()
-        return explained_variance(returns[test], values[: len(rows)], mask[test])
+        return explained_variance(returns[test], values, mask[test])
 
     curve, step, batch = [], 0, 32
     for _ in range(epochs):
         for i in range(train.start, train.stop, batch):
             rows = slice(i, min(i + batch, train.stop))
             values = critic_values(critic, ids[rows], attention[rows], T)[..., 0]
-            loss, _ = value_loss(values, returns[rows], mask[rows], old_values=values.detach(), cliprange_value=0.5)
+            loss, _ = value_loss(values, returns[rows], mask[rows])  # the adapter's value clip: a no-op at old == new
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)

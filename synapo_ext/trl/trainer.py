@@ -288,8 +288,9 @@ class SynAPOTrainer(GRPOTrainer):
 
     def _log_row_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> None:
         """Show SynAPO's advantages in TRL's completions table: TRL logged its GRPO ones for these rows; replace
-        them by each row's mean over valid tokens (all processes' rows, in TRL's order)."""
-        row_means = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        them by each row's mean over valid tokens (all processes' rows, in TRL's order). `advantages`: (B, T), 0 off
+        `mask`."""
+        row_means = advantages.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         row_means = self.accelerator.gather(row_means).tolist()
         logged = self._logs["advantages"]
         for _ in range(min(len(row_means), len(logged))):

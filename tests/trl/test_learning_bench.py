@@ -85,7 +85,7 @@ def test_critic_probe_features_and_lookup_value():
     bad = good.replace(f"={value}", f"={(value + 1) % 10}", 1)  # step 0 wrong, later steps as in the good trace
     rows = [tokenizer(prompt)["input_ids"] + tokenizer(c)["input_ids"] for c in (good, bad)]
     P = len(tokenizer(prompt)["input_ids"])
-    data = {"ids": torch.tensor(rows), "mask": torch.ones(2, len(rows[0]) - P), "P": P}
+    data = {"ids": torch.tensor(rows), "mask": torch.ones(2, len(rows[0]) - P)}
     feats = critic_probe.prefix_features(data, tokenizer)
     wrong_digit = len("a:0+0=0") - 1  # token index of step 0's result
     assert feats["wrong_before"][0].sum() == 0
