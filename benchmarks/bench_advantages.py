@@ -25,10 +25,7 @@ Writes benchmarks/results/bench_advantages.md (the table) and .json (raw timings
 
 from __future__ import annotations
 
-import argparse
-import ast
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -36,10 +33,11 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from settings_cli import dataclass_parser
 
 
 @dataclass
@@ -75,26 +73,8 @@ class Args:
     """(B, T) pairs parsed from `sizes` (computed in runtime)"""
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each dataclass field (CleanRL's convention), for --help."""
-    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
-    for node, nxt in zip(body[:-1], body[1:], strict=True):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
-    return docs
-
-
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    docs = _field_docs(Args)
-    for f in fields(Args):
-        if f.name == "shapes":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=docs.get(f.name))
+    parser = dataclass_parser(Args, __doc__.splitlines()[0], dashes=True, skip=("shapes",))
     args = Args(**vars(parser.parse_args()))
     if args.quick:
         args.sizes = "64x1024,64x4096" if args.sizes == Args.sizes else args.sizes

@@ -132,10 +132,9 @@ def run_one(method: str, a: Args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(Args()).items():
-        kind = type(value[0]) if isinstance(value, list) else type(value)
-        parser.add_argument(f"--{name}", type=kind, default=value, nargs="+" if isinstance(value, list) else None)
+    from settings_cli import dataclass_parser
+
+    parser = dataclass_parser(Args, __doc__)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = Args(**{k: v for k, v in vars(parser.parse_args()).items() if k != "child"})
     child = parser.parse_args().child

@@ -134,18 +134,9 @@ def is_done(a: Args, method: str, seed: int) -> bool:
 
 
 def parse_args(argv: list[str]) -> Args:
-    import argparse
+    from settings_cli import dataclass_parser
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", action="store_true", default=default)
-        elif isinstance(default, list):
-            parser.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default)
-    a = apply_quick(Args(**vars(parser.parse_args(argv))))
+    a = apply_quick(Args(**vars(dataclass_parser(Args, __doc__).parse_args(argv))))
     return dataclasses.replace(a, out=a.out or os.path.join(HERE, "results", "learning"))
 
 
