@@ -92,28 +92,24 @@ def run_one(method: str, a: Args) -> dict:
         trainer = SynAPOTrainer(
             model=policy, reward_funcs=[correct], args=args, train_dataset=dataset, processing_class=tokenizer
         )
-        for name in TIMED:
-            real = getattr(trainer, name)
 
-            def timed(*args, _real=real, _name=name, **kwargs):
+        def timed(real, name):
+            def wrapper(*args, **kwargs):
                 start = time.perf_counter()
                 try:
-                    return _real(*args, **kwargs)
+                    return real(*args, **kwargs)
                 finally:
-                    timings.setdefault(_name, []).append(time.perf_counter() - start)
+                    timings.setdefault(name, []).append(time.perf_counter() - start)
 
-            setattr(trainer, name, timed)
-        for name in ("compute_synapo_advantages", "update_critic", "critic_values"):
-            real = getattr(trainer_module, name)
+            return wrapper
 
-            def timed_fn(*args, _real=real, _name=name, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return _real(*args, **kwargs)
-                finally:
-                    timings.setdefault(_name, []).append(time.perf_counter() - start)
-
-            setattr(trainer_module, name, timed_fn)
+        # the trainer's own methods, then the functions its module calls
+        for owner, names in (
+            (trainer, TIMED),
+            (trainer_module, ("compute_synapo_advantages", "update_critic", "critic_values")),
+        ):
+            for name in names:
+                setattr(owner, name, timed(getattr(owner, name), name))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
