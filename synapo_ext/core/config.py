@@ -8,6 +8,8 @@ Field names never clash with TRL's `GRPOConfig` (e.g. its `beta` is the KL coeff
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,8 @@ class SynAPOParams:
         value_warmup_steps (`int`, *optional*, defaults to `50`): critic-only updates before the policy moves.
         clip_ratio_low, clip_ratio_high (`float`, *optional*, defaults to `0.2`, `0.28`): clip-higher.
         positive_lm_coef (`float`, *optional*, defaults to `0.1`): NLL weight on correct responses.
+        positive_lm_threshold (`float`, *optional*, defaults to `0.5`): a response is correct iff score >= threshold
+            (the positive-example LM loss's own threshold, independent of SCVL's).
     """
 
     # GAE
@@ -85,19 +89,41 @@ class SynAPOParams:
     clip_ratio_low: float = field(default=0.2, metadata=_help("PPO clip epsilon (low side)."))
     clip_ratio_high: float = field(default=0.28, metadata=_help("PPO clip epsilon (high side, clip-higher)."))
     positive_lm_coef: float = field(default=0.1, metadata=_help("NLL weight on correct responses."))
+    positive_lm_threshold: float = field(
+        default=0.5, metadata=_help("A response is correct (positive-example LM loss) iff score >= threshold.")
+    )
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the first bad field."""
-        for name in ("gamma", "gae_lambda", "critic_lambda", "hvm_global_lambda"):
-            _in_range(name, getattr(self, name), 0.0, 1.0)
+        """Check every field once, where it is set.
+
+        Raises:
+            TypeError: a value of the wrong type (a string for a number or a boolean), naming the field.
+            ValueError: a non-finite float (NaN/inf) or an out-of-range value, naming the field.
+        """
+        if isinstance(self.hvm_delimiters, (str, tuple)):
+            self.hvm_delimiters = (
+                [self.hvm_delimiters] if isinstance(self.hvm_delimiters, str) else list(self.hvm_delimiters)
+            )
+        # SynAPOParams' own annotations (strings): a subclass may widen a type, and argument parsers rewrite
+        # `Field.type` in place (HfArgumentParser strips `| None`)
+        for name, annotation in SynAPOParams.__annotations__.items():
+            _check_type(name, getattr(self, name), annotation)
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}")
         if not self.ea_gae_alpha > 0:
-            raise ValueError(f"`ea_gae_alpha` must be > 0, got {self.ea_gae_alpha}")
-        if not 0.0 <= self.ea_gae_lambda_min <= self.ea_gae_lambda_max <= 1.0:
+            raise ValueError(f"`ea_gae_alpha` must be > 0, got {self.ea_gae_alpha!r}")
+        if not self.clip_ratio_low < 1:
             raise ValueError(
-                "need 0 <= `ea_gae_lambda_min` <= `ea_gae_lambda_max` <= 1, "
+                f"`clip_ratio_low` must be < 1 (the ratio's lower clip is 1 - it), got {self.clip_ratio_low}"
+            )
+        if not self.ea_gae_lambda_min <= self.ea_gae_lambda_max:
+            raise ValueError(
+                "need `ea_gae_lambda_min` <= `ea_gae_lambda_max`, "
                 f"got {self.ea_gae_lambda_min} and {self.ea_gae_lambda_max}"
             )
         if self.ea_gae_enabled and not self.length_adaptive_lambda:
@@ -107,27 +133,61 @@ class SynAPOParams:
                 f"`critic_lambda` must be 1.0 with HVM on (its targets are Monte-Carlo per level), "
                 f"got {self.critic_lambda}; set hvm_enabled=False to use another critic lambda"
             )
-        if isinstance(self.hvm_delimiters, str):
-            self.hvm_delimiters = [self.hvm_delimiters]
         if self.hvm_enabled and (not self.hvm_delimiters or not all(self.hvm_delimiters)):
             raise ValueError(f"`hvm_delimiters` must be non-empty strings, got {self.hvm_delimiters!r}")
-        for name in ("hvm_min_len", "hvm_max_len", "hvm_fallback_len", "scvl_max_pairs"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        if not isinstance(self.value_warmup_steps, int) or self.value_warmup_steps < 0:
-            raise ValueError(f"`value_warmup_steps` must be an integer >= 0, got {self.value_warmup_steps!r}")
-        for name in ("scvl_weight", "scvl_margin", "positive_lm_coef", "clip_ratio_low", "clip_ratio_high"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _in_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value}")
+# Closed ranges [low, high] of numeric fields (None-valued optional fields are skipped).
+_INF = math.inf
+_RANGES: dict[str, tuple[float, float]] = {
+    "gamma": (0.0, 1.0),
+    "gae_lambda": (0.0, 1.0),
+    "critic_lambda": (0.0, 1.0),
+    "ea_gae_alpha": (0.0, _INF),  # and > 0, checked apart
+    "ea_gae_lambda_min": (0.0, 1.0),
+    "ea_gae_lambda_max": (0.0, 1.0),
+    "hvm_global_lambda": (0.0, 1.0),
+    "hvm_global_weight": (0.0, _INF),
+    "hvm_min_len": (1, _INF),
+    "hvm_max_len": (1, _INF),
+    "hvm_fallback_len": (1, _INF),
+    "scvl_margin": (0.0, _INF),
+    "scvl_weight": (0.0, _INF),
+    "scvl_max_pairs": (1, _INF),
+    "value_warmup_steps": (0, _INF),
+    "clip_ratio_low": (0.0, _INF),
+    "clip_ratio_high": (0.0, _INF),
+    "positive_lm_coef": (0.0, _INF),
+}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """`value` against a field annotation: `float` (a finite real), `int`, `bool`, `list[str]`, each `| None`.
+
+    Booleans are refused as numbers and numbers (or strings such as "no") as booleans.
+    """
+    kinds = {part.strip() for part in annotation.split("|")}
+    if value is None:
+        if "None" in kinds:
+            return
+        raise TypeError(f"`{name}` must not be None (expected {annotation})")
+    if "bool" in kinds:
+        ok = isinstance(value, bool)
+    elif "int" in kinds:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif "float" in kinds:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"`{name}` must be finite, got {value!r}")
+    elif "list[str]" in kinds:
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+    else:  # a type this check does not know: left to the field's own rules
+        return
+    if not ok:
+        raise TypeError(f"`{name}` must be {annotation}, got {type(value).__name__} {value!r}")
 
 
 # Each preset lists only what differs from SynAPOParams' defaults (the full `synapo` method).

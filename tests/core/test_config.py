@@ -86,3 +86,87 @@ def test_unknown_preset_and_parameter():
         params_from_preset("dapo")
     with pytest.raises(ValueError, match="scvl_marign"):
         params_from_preset("synapo", scvl_marign=0.3)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gamma",
+        "gae_lambda",
+        "ea_gae_alpha",
+        "ea_gae_beta",
+        "ea_gae_lambda_max",
+        "hvm_global_lambda",
+        "hvm_global_weight",
+        "scvl_threshold",
+        "scvl_margin",
+        "scvl_weight",
+        "clip_ratio_low",
+        "clip_ratio_high",
+        "positive_lm_coef",
+        "positive_lm_threshold",
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_name_the_field(name, bad):
+    with pytest.raises(ValueError, match=f"`{name}` must be finite"):
+        SynAPOParams(**{name: bad})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hvm_enabled": "no"}, "hvm_enabled"),  # a non-empty string is truthy: never read it as a boolean
+        ({"scvl_enabled": 0}, "scvl_enabled"),
+        ({"whiten_advantages": None}, "whiten_advantages"),
+        ({"ea_gae_alpha": "abc"}, "ea_gae_alpha"),
+        ({"gamma": "0.99"}, "gamma"),
+        ({"scvl_margin": True}, "scvl_margin"),  # a boolean is not a number here
+        ({"scvl_max_pairs": 2.0}, "scvl_max_pairs"),
+        ({"hvm_min_len": "3"}, "hvm_min_len"),
+        ({"value_warmup_steps": 1.5}, "value_warmup_steps"),
+        ({"hvm_delimiters": [1]}, "hvm_delimiters"),
+        ({"hvm_delimiters": None}, "hvm_delimiters"),
+    ],
+)
+def test_wrong_types_name_the_field(kwargs, match):
+    with pytest.raises(TypeError, match=f"`{match}`"):
+        SynAPOParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hvm_global_weight": -0.5}, "hvm_global_weight"),
+        ({"scvl_margin": -0.1}, "scvl_margin"),
+        ({"positive_lm_coef": -0.1}, "positive_lm_coef"),
+        ({"clip_ratio_high": -0.1}, "clip_ratio_high"),
+        ({"clip_ratio_low": 1.0}, "clip_ratio_low"),
+        ({"ea_gae_alpha": -1.0}, "ea_gae_alpha"),
+        ({"ea_gae_lambda_max": 1.5}, "ea_gae_lambda_max"),
+        ({"hvm_global_lambda": 2.0}, "hvm_global_lambda"),
+        ({"hvm_fallback_len": 0}, "hvm_fallback_len"),
+    ],
+)
+def test_out_of_range_values_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=f"`{match}`"):
+        SynAPOParams(**kwargs)
+
+
+def test_legal_values_of_other_types_pass():
+    # ints for floats, None for optional ints, a tuple of delimiters, a negative beta (the prose's sign)
+    p = SynAPOParams(gamma=1, ea_gae_beta=-0.5, hvm_max_len=None, hvm_fallback_len=None, hvm_delimiters=("\n\n", "."))
+    assert p.hvm_delimiters == ["\n\n", "."]
+    assert SynAPOParams(hvm_delimiters="\n").hvm_delimiters == ["\n"]
+    for name in PRESETS:
+        assert params_from_preset(name).to_dict() == dataclasses.asdict(params_from_preset(name))
+
+
+def test_validation_runs_again_on_replace():
+    with pytest.raises(ValueError, match="scvl_weight"):
+        dataclasses.replace(SynAPOParams(), scvl_weight=float("nan"))
+
+
+def test_positive_lm_threshold_is_its_own_field():
+    p = SynAPOParams(scvl_threshold=0.9)
+    assert (p.positive_lm_threshold, p.scvl_threshold) == (0.5, 0.9)
