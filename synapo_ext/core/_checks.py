@@ -6,6 +6,7 @@ import torch
 
 __all__ = [
     "check_finite",
+    "check_ids",
     "check_mask",
     "check_probability",
     "check_same_shape",
@@ -28,6 +29,22 @@ def check_same_shape(x: torch.Tensor, name: str, shape: torch.Size, ref_name: st
         raise ValueError(f"`{name}` has shape {tuple(x.shape)} but `{ref_name}` has shape {tuple(shape)}")
 
 
+def check_ids(x: object, name: str) -> torch.Tensor:
+    """A (B, T) tensor of token ids of any integer dtype; the unsigned types wider than uint8 (which few torch
+    ops support) come back as int64.
+
+    Raises:
+        TypeError: not a tensor, or not an integer dtype.
+        ValueError: not 2-D.
+    """
+    x = check_tensor(x, name, ndim=2)
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor, got {x.dtype}")
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return x.long()
+    return x
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     """NaN or inf anywhere in `x` (masked positions included) is an error, never a silent NaN downstream."""
     # A finite sum proves every entry finite (NaN and inf propagate) without a (B, T) temporary;
@@ -37,30 +54,36 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` holds {bad} NaN/inf entries; all entries must be finite")
 
 
-def check_mask(response_mask: object) -> torch.Tensor:
-    """Validate a (B, T) 0/1 mask (bool, integer or float) and return it as bool.
+def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torch.Tensor:
+    """Validate a (B, T) 0/1 mask (bool, integer or float) and return it as bool. B = 0 is legal (empty batch).
+
+    Args:
+        response_mask: the mask.
+        allow_empty_rows: accept rows with no valid token (the stage skips and counts them).
 
     Raises:
-        TypeError: not a tensor.
-        ValueError: not 2-D, a value other than 0 and 1, or a row with no valid token.
+        TypeError: not a tensor, or a complex one.
+        ValueError: not 2-D, a value other than 0 and 1, or (unless allowed) a row with no valid token.
     """
     mask = check_tensor(response_mask, "response_mask", ndim=2)
     if mask.dtype != torch.bool:
         if mask.is_complex():
             raise TypeError("`response_mask` must be bool, integer or float, got a complex tensor")
-        low, high = torch.aminmax(mask)
         nonzero = mask != 0
-        # in [0, 1], and every nonzero entry is exactly 1
-        if low < 0 or high > 1 or (mask.is_floating_point() and int((mask == 1).sum()) != int(nonzero.sum())):
-            raise ValueError("`response_mask` must hold only 0 and 1")
+        if mask.numel() > 0:  # aminmax refuses an empty tensor
+            low, high = torch.aminmax(mask)
+            # in [0, 1], and every nonzero entry is exactly 1
+            if low < 0 or high > 1 or (mask.is_floating_point() and int((mask == 1).sum()) != int(nonzero.sum())):
+                raise ValueError("`response_mask` must hold only 0 and 1")
         mask = nonzero
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten()[:5].tolist()
-        raise ValueError(
-            f"`response_mask` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
-            "every response needs at least one token"
-        )
+    if not allow_empty_rows:
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"`response_mask` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
+                "every response needs at least one token (`compute_synapo_advantages` skips such rows)"
+            )
     return mask
 
 

@@ -116,6 +116,8 @@ def numba_whiten_(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> to
     counts = torch.empty(x.shape[0], dtype=torch.int64)
     k.masked_row_sums(as_numpy(x), as_numpy(mask), 0.0, as_numpy(sums), as_numpy(counts))
     count = int(counts.sum())
+    if count == 0:  # an empty batch
+        return x
     if count < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {count}")
     mean = float(sums[:, 0].sum()) / count

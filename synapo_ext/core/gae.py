@@ -26,10 +26,15 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         values: float (B, T).
         mask: bool (B, T).
 
+    Returns:
+        float (B, T); an empty batch (no valid token at all, B = 0) comes back unchanged.
+
     Raises:
-        ValueError: fewer than two valid tokens in the batch (the variance is undefined).
+        ValueError: exactly one valid token in the batch (the variance is undefined).
     """
     count = mask.sum()
+    if int(count) == 0:
+        return values
     if int(count) < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
     mean = torch.where(mask, values, 0.0).sum() / count
@@ -51,6 +56,8 @@ def check_lambda(lam: float | torch.Tensor, name: str, shape: torch.Size, mask: 
         return check_probability(lam, name)
     check_same_shape(lam, name, shape, "rewards")
     check_finite(lam, name)
+    if lam.numel() == 0:
+        return lam
     low, high = torch.aminmax(lam)
     if low < 0 or high > 1:  # masked positions may hold anything finite: look at the valid ones only
         valid = lam[mask]

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from . import backend
-from ._checks import check_finite, check_mask, check_same_shape, check_tensor
+from ._checks import check_finite, check_ids, check_mask, check_same_shape, check_tensor
 
 __all__ = [
     "SCVLPairs",
@@ -97,7 +97,9 @@ def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
     kernels = backend.kernels(mask)
     if kernels is not None:
         return backend.numba_row_lengths(kernels, mask)
-    T = mask.shape[1]
+    B, T = mask.shape
+    if T == 0:
+        return torch.zeros(B, dtype=torch.long, device=mask.device)
     return T - mask.flip(1).int().argmax(dim=1)
 
 
@@ -147,7 +149,7 @@ def scvl_pairs(
     Raises:
         TypeError, ValueError: naming the argument.
     """
-    response_ids = check_tensor(response_ids, "response_ids", ndim=2)
+    response_ids = check_ids(response_ids, "response_ids")
     mask = check_mask(response_mask)
     check_same_shape(mask, "response_mask", response_ids.shape, "response_ids")
     B = response_ids.shape[0]

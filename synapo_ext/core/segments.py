@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import backend
-from ._checks import check_mask, check_same_shape, check_tensor
+from ._checks import check_ids, check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
 
 __all__ = ["boundary_table_from_tokenizer", "segment_ids"]
@@ -86,9 +86,7 @@ def segment_ids(
     Raises:
         TypeError, ValueError: naming the argument.
     """
-    response_ids = check_tensor(response_ids, "response_ids", ndim=2)
-    if response_ids.is_floating_point() or response_ids.dtype == torch.bool:
-        raise TypeError(f"`response_ids` must be an integer tensor, got {response_ids.dtype}")
+    response_ids = check_ids(response_ids, "response_ids").long()  # int64: uint8/int8/int16 cannot index a table
     mask = check_mask(response_mask)
     check_same_shape(mask, "response_mask", response_ids.shape, "response_ids")
     boundary_table = check_tensor(boundary_table, "boundary_table", ndim=1)
@@ -97,6 +95,8 @@ def segment_ids(
     for name, value in (("min_len", min_len), ("max_len", max_len), ("fallback_len", fallback_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    if response_ids.numel() == 0:  # B = 0 (a row with no token was refused by check_mask)
+        return torch.zeros(response_ids.shape, dtype=torch.long, device=response_ids.device)
     low, high = (int(x) for x in torch.aminmax(response_ids))
     if low < 0 or high >= boundary_table.numel():  # padding may hold anything: look at the valid ids only
         valid_ids = response_ids[mask]

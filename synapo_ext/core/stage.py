@@ -7,6 +7,7 @@ SCVL pairs          = positive/negative pairs per group, with the rollout-time v
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,8 @@ class SynAPOAdvantages:
     global_returns, start_mask, seg_ids: the global head's target, segment starts and ids (HVM on only).
     scvl: SCVL pairs (P,) (SCVL on only); scvl_pos_values / scvl_neg_values: rollout-time V[i, d+1] and
         V[j, d+1] (P,), the partner values of SCVL's split form.
-    metrics: floats for logging (`ea_gae/...`, `synapo/<part>/...`).
+    metrics: floats for logging (`ea_gae/...`, `synapo/<part>/...`, `synapo/rows_empty`).
+    valid_rows: bool (B,), rows with at least one valid token (the others were skipped: zeros, no SCVL pair).
     """
 
     advantages: torch.Tensor
@@ -47,6 +49,7 @@ class SynAPOAdvantages:
     scvl_pos_values: torch.Tensor | None = None
     scvl_neg_values: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    valid_rows: torch.Tensor | None = None
 
 
 def actor_lambda(
@@ -72,6 +75,45 @@ def _require(value: object, name: str, part: str) -> None:
         raise ValueError(f"`{name}` is needed with {part}=True")
 
 
+def _take_rows(x: torch.Tensor | Sequence | None, name: str, rows: torch.Tensor, batch_size: int):
+    """x[rows] for a per-row input (a tensor with B rows, or a sequence of B ids), checking it has B rows."""
+    if x is None:
+        return None
+    n = (x.shape[0] if x.dim() > 0 else 0) if isinstance(x, torch.Tensor) else len(x)
+    if n != batch_size:
+        raise ValueError(f"`{name}` has {n} rows but `response_mask` has {batch_size}")
+    if isinstance(x, torch.Tensor):
+        return x[rows.to(x.device)]
+    return [x[i] for i in rows.tolist()]
+
+
+def _scatter_rows(out: SynAPOAdvantages, rows: torch.Tensor, batch_size: int) -> SynAPOAdvantages:
+    """Put the results of the non-empty `rows` back into a batch of `batch_size` rows (empty rows: zeros)."""
+
+    def full(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        y = x.new_zeros((batch_size, *x.shape[1:]))
+        y[rows.to(x.device)] = x
+        return y
+
+    pairs = out.scvl
+    if pairs is not None:
+        index = rows.to(pairs.pos_index.device)
+        pairs = SCVLPairs(index[pairs.pos_index], index[pairs.neg_index], pairs.diverge_index)
+    lam = full(out.lam) if isinstance(out.lam, torch.Tensor) else out.lam
+    return dataclasses.replace(
+        out,
+        advantages=full(out.advantages),
+        returns=full(out.returns),
+        lam=lam,
+        global_returns=full(out.global_returns),
+        start_mask=full(out.start_mask),
+        seg_ids=full(out.seg_ids),
+        scvl=pairs,
+    )
+
+
 def compute_synapo_advantages(
     params: SynAPOParams,
     *,
@@ -87,6 +129,9 @@ def compute_synapo_advantages(
 ) -> SynAPOAdvantages:
     """Advantages, critic targets and SCVL pairs for one rollout batch.
 
+    Rows with no valid token (padding rows, masked truncated completions) are skipped: their advantages, targets
+    and lambda are 0, they join no SCVL pair, and `synapo/rows_empty` counts them. B = 0 gives empty outputs.
+
     Args:
         params: the SynAPO parameters (a preset, see `params_from_preset`).
         rewards: float (B, T), token-level rewards (outcome on the last valid token, plus any KL term).
@@ -100,13 +145,53 @@ def compute_synapo_advantages(
         group_ids: (B,) prompt ids (SCVL on).
 
     Returns:
-        SynAPOAdvantages.
+        SynAPOAdvantages over all B rows.
+
+    Raises:
+        TypeError, ValueError: naming the argument (see the functions of each part).
     """
     # validate and convert the mask once (an int64 mask is 8x the bytes of a bool one, and every function reads it)
-    response_mask = check_mask(response_mask)
+    response_mask = check_mask(response_mask, allow_empty_rows=True)
+    B = response_mask.shape[0]
+    valid_rows = response_mask.any(dim=1)
+    rows = valid_rows.nonzero().squeeze(1)
+    per_row = {
+        "rewards": rewards,
+        "values": values,
+        "global_values": global_values,
+        "entropy": entropy,
+        "response_ids": response_ids,
+        "scores": scores,
+        "group_ids": group_ids,
+    }
+    if rows.numel() < B:  # skip the empty rows, then put the results back
+        inputs = {name: _take_rows(x, name, rows, B) for name, x in per_row.items()}
+        out = _scatter_rows(_stage(params, response_mask[rows], boundary_table, **inputs), rows, B)
+    else:
+        out = _stage(params, response_mask, boundary_table, **per_row)
+    out.valid_rows = valid_rows
+    out.metrics["synapo/rows_empty"] = float(B - rows.numel())
+    return out
+
+
+def _stage(
+    params: SynAPOParams,
+    response_mask: torch.Tensor,
+    boundary_table: torch.Tensor | None,
+    *,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    global_values: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    response_ids: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    group_ids: torch.Tensor | Sequence | None,
+) -> SynAPOAdvantages:
+    """The stage on rows that each hold at least one valid token (`response_mask`: bool (B, T))."""
     lam = actor_lambda(params, response_mask, entropy)
     metrics: dict[str, float] = {}
-    if isinstance(lam, torch.Tensor):
+    has_tokens = response_mask.numel() > 0  # B = 0: no statistics
+    if isinstance(lam, torch.Tensor) and has_tokens:
         lam_mean, lam_min, lam_max = backend.masked_stats(lam, response_mask)
         metrics.update({"ea_gae/lambda_mean": lam_mean, "ea_gae/lambda_min": lam_min, "ea_gae/lambda_max": lam_max})
     out: SynAPOAdvantages
@@ -137,8 +222,8 @@ def compute_synapo_advantages(
         out = SynAPOAdvantages(
             hvm.advantages, hvm.local_returns, lam, hvm.global_returns, hvm.start_mask, seg, metrics=metrics
         )
-        n_segments = hvm.start_mask.sum(dim=1).float()
-        metrics["synapo/hvm/segments_mean"] = float(n_segments.mean())
+        if has_tokens:
+            metrics["synapo/hvm/segments_mean"] = float(hvm.start_mask.sum(dim=1).float().mean())
     else:
         advantages, returns = compute_gae(
             rewards, values, response_mask, gamma=params.gamma, lam=lam, whiten=params.whiten_advantages
