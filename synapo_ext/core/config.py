@@ -56,6 +56,14 @@ class SynAPOParams:
         positive_lm_coef (`float`, *optional*, defaults to `0.1`): NLL weight on correct responses.
         positive_lm_threshold (`float`, *optional*, defaults to `0.5`): a response is correct iff score >= threshold
             (the positive-example LM loss's own threshold, independent of SCVL's).
+    Parameters that stop the value warm-up early (`value_warmup_steps` is then the cap; `synapo_ext.core.warmup`):
+        value_warmup_target_ev (`float`, *optional*): stop once the mean held-out explained variance of the last
+            `value_warmup_window` warm-up batches reaches it (None: off).
+        value_warmup_patience (`int`, *optional*): stop once the mean held-out critic loss of the last
+            `value_warmup_window` batches has not improved by `value_warmup_min_delta` for this many batches
+            (None: off).
+        value_warmup_min_delta (`float`, *optional*, defaults to `0.01`): relative improvement of the plateau test.
+        value_warmup_window (`int`, *optional*, defaults to `5`): warm-up batches averaged by both tests.
     """
 
     # GAE
@@ -92,6 +100,17 @@ class SynAPOParams:
     positive_lm_threshold: float = field(
         default=0.5, metadata=_help("A response is correct (positive-example LM loss) iff score >= threshold.")
     )
+    # Value warm-up stopping rule (value_warmup_steps is the cap)
+    value_warmup_target_ev: float | None = field(
+        default=None, metadata=_help("Stop the warm-up at this held-out explained variance (window mean; None: off).")
+    )
+    value_warmup_patience: int | None = field(
+        default=None, metadata=_help("Stop the warm-up after this many batches without loss improvement (None: off).")
+    )
+    value_warmup_min_delta: float = field(
+        default=0.01, metadata=_help("Relative loss improvement that resets the warm-up's plateau test.")
+    )
+    value_warmup_window: int = field(default=5, metadata=_help("Warm-up batches averaged by the stopping tests."))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +180,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "clip_ratio_low": (0.0, _INF),
     "clip_ratio_high": (0.0, _INF),
     "positive_lm_coef": (0.0, _INF),
+    "value_warmup_target_ev": (-_INF, 1.0),
+    "value_warmup_patience": (1, _INF),
+    "value_warmup_min_delta": (0.0, 1.0),
+    "value_warmup_window": (1, _INF),
 }
 
 
