@@ -22,6 +22,9 @@ __all__ = ["check_lambda", "compute_gae", "masked_whiten", "next_token_values"]
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(x - mean) * rsqrt(var + 1e-8) with the mean and unbiased variance over `mask` (verl's `masked_whiten`).
 
+    Computed in float64 and returned in `values`' dtype: float32 sums and squares overflow for large finite inputs
+    (|x| ~ 1e20 squares past float32's 3.4e38).
+
     Args:
         values: float (B, T).
         mask: bool (B, T).
@@ -37,10 +40,11 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return values
     if int(count) < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
-    mean = torch.where(mask, values, 0.0).sum() / count
-    centered = values - mean
+    x = values.double()
+    mean = torch.where(mask, x, 0.0).sum() / count
+    centered = x - mean
     var = torch.where(mask, centered.square(), 0.0).sum() / (count - 1)
-    return centered * torch.rsqrt(var + 1e-8)
+    return (centered * torch.rsqrt(var + 1e-8)).to(values.dtype)
 
 
 def next_token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
