@@ -1,13 +1,14 @@
 """synapo_ext.core: SynAPO's math as plain torch functions (no verl, no TRL).
 
-SPEC: ../shared/SPEC.md ; decisions on top of it: docs/core_api.md.
+The math: docs/spec.md ; the API contract: docs/core_api.md.
 """
 
 from .config import PRESETS, SynAPOParams, params_from_preset
 from .ea_gae import EA_GAE_EPS, ea_gae_lambda
 from .gae import compute_gae, masked_whiten
 from .hvm import HVMResult, hvm_advantages
-from .losses import hvm_critic_loss, value_loss
+from .losses import hvm_critic_loss, positive_lm_loss, positive_lm_weights, value_loss
+from .metrics import METRICS, MetricNames, explained_variance
 from .scan import reverse_linear_scan
 from .scvl import SCVLPairs, scvl_group_stats, scvl_loss, scvl_pair_values, scvl_pairs, scvl_split_loss
 from .segments import boundary_table_from_tokenizer, segment_ids
@@ -15,8 +16,10 @@ from .stage import SynAPOAdvantages, actor_lambda, compute_synapo_advantages
 
 __all__ = [
     "EA_GAE_EPS",
+    "METRICS",
     "PRESETS",
     "HVMResult",
+    "MetricNames",
     "SCVLPairs",
     "SynAPOAdvantages",
     "SynAPOParams",
@@ -25,10 +28,13 @@ __all__ = [
     "compute_gae",
     "compute_synapo_advantages",
     "ea_gae_lambda",
+    "explained_variance",
     "hvm_advantages",
     "hvm_critic_loss",
     "masked_whiten",
     "params_from_preset",
+    "positive_lm_loss",
+    "positive_lm_weights",
     "reverse_linear_scan",
     "scvl_group_stats",
     "scvl_loss",

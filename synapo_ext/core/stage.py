@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import backend
-from ._checks import check_mask
+from ._checks import check_mask, float_dtype
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
 from .gae import compute_gae
 from .hvm import hvm_advantages
+from .losses import positive_lm_weights
+from .metrics import METRICS
 from .scvl import SCVLPairs, scvl_group_stats, scvl_pair_values, scvl_pairs
 from .segments import segment_ids
 
@@ -37,6 +39,8 @@ class SynAPOAdvantages:
         V[j, d+1] (P,), the partner values of SCVL's split form.
     metrics: floats for logging (`ea_gae/...`, `synapo/<part>/...`, `synapo/rows_empty`).
     valid_rows: bool (B,), rows with at least one valid token (the others were skipped: zeros, no SCVL pair).
+    positive_lm_weights: float (B,), the positive-example LM loss's row weights (`scores` given only; 0 on skipped
+        rows), see `positive_lm_weights`.
     """
 
     advantages: torch.Tensor
@@ -50,6 +54,7 @@ class SynAPOAdvantages:
     scvl_neg_values: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     valid_rows: torch.Tensor | None = None
+    positive_lm_weights: torch.Tensor | None = None
 
 
 def actor_lambda(
@@ -111,6 +116,7 @@ def _scatter_rows(out: SynAPOAdvantages, rows: torch.Tensor, batch_size: int) ->
         start_mask=full(out.start_mask),
         seg_ids=full(out.seg_ids),
         scvl=pairs,
+        positive_lm_weights=full(out.positive_lm_weights),
     )
 
 
@@ -170,7 +176,7 @@ def compute_synapo_advantages(
     else:
         out = _stage(params, response_mask, boundary_table, **per_row)
     out.valid_rows = valid_rows
-    out.metrics["synapo/rows_empty"] = float(B - rows.numel())
+    out.metrics[METRICS.rows_empty] = float(B - rows.numel())
     return out
 
 
@@ -193,7 +199,9 @@ def _stage(
     has_tokens = response_mask.numel() > 0  # B = 0: no statistics
     if isinstance(lam, torch.Tensor) and has_tokens:
         lam_mean, lam_min, lam_max = backend.masked_stats(lam, response_mask)
-        metrics.update({"ea_gae/lambda_mean": lam_mean, "ea_gae/lambda_min": lam_min, "ea_gae/lambda_max": lam_max})
+        metrics.update({METRICS.lambda_mean: lam_mean, METRICS.lambda_min: lam_min, METRICS.lambda_max: lam_max})
+    if params.length_adaptive_lambda and params.ea_gae_enabled and has_tokens:  # entropy checked by ea_gae_lambda
+        metrics[METRICS.entropy_mean] = backend.masked_stats(entropy.to(float_dtype(entropy)), response_mask)[0]
     out: SynAPOAdvantages
     if params.hvm_enabled:
         _require(global_values, "global_values", "hvm_enabled")
@@ -223,7 +231,7 @@ def _stage(
             hvm.advantages, hvm.local_returns, lam, hvm.global_returns, hvm.start_mask, seg, metrics=metrics
         )
         if has_tokens:
-            metrics["synapo/hvm/segments_mean"] = float(hvm.start_mask.sum(dim=1).float().mean())
+            metrics[METRICS.segments_mean] = float(hvm.start_mask.sum(dim=1).float().mean())
     else:
         advantages, returns = compute_gae(
             rewards, values, response_mask, gamma=params.gamma, lam=lam, whiten=params.whiten_advantages
@@ -233,6 +241,10 @@ def _stage(
             _, returns = compute_gae(rewards, values, response_mask, gamma=params.gamma, lam=params.critic_lambda)
         out = SynAPOAdvantages(advantages, returns, lam, metrics=metrics)
 
+    if scores is not None:
+        out.positive_lm_weights = positive_lm_weights(
+            scores, coef=params.positive_lm_coef, threshold=params.positive_lm_threshold
+        )
     if params.scvl_enabled:
         _require(response_ids, "response_ids", "scvl_enabled")
         _require(scores, "scores", "scvl_enabled")
@@ -248,7 +260,7 @@ def _stage(
         out.scvl = pairs
         out.scvl_pos_values, out.scvl_neg_values = scvl_pair_values(values, pairs)
         stats = scvl_group_stats(scores, group_ids, threshold=params.scvl_threshold)
-        metrics["synapo/scvl/pairs"] = float(pairs.pos_index.numel())
-        metrics["synapo/scvl/groups_mixed"] = float(stats["groups_mixed"])
-        metrics["synapo/scvl/groups_skipped"] = float(stats["groups"] - stats["groups_mixed"])
+        metrics[METRICS.scvl_pairs] = float(pairs.pos_index.numel())
+        metrics[METRICS.scvl_groups_mixed] = float(stats["groups_mixed"])
+        metrics[METRICS.scvl_groups_skipped] = float(stats["groups"] - stats["groups_mixed"])
     return out
