@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from ..core import PRESETS, SynAPOParams, params_from_preset
 
-__all__ = ["PRESET_FIELDS", "SynAPOConfig"]
+__all__ = ["CRITIC_SCHEDULERS", "PRESET_FIELDS", "RENAMED_KEYWORDS", "SynAPOConfig"]
 
 # Fields a preset sets: `None` here means "take the preset's value" (clip_ratio_* map to TRL's epsilon_*).
 PRESET_FIELDS = (
@@ -21,6 +24,43 @@ PRESET_FIELDS = (
     "value_warmup_steps",
     "positive_lm_coef",
 )
+
+
+# `transformers.get_scheduler` names the critic can use: each steps without a metric and needs no extra kwargs.
+CRITIC_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+)
+
+# Keywords of the research write-up, legacy TRL (`PPOConfig` <= 0.11) or near-misses, and what to write instead.
+RENAMED_KEYWORDS = {
+    "batch_size": "per_device_train_batch_size (rows per device per step) or generation_batch_size",
+    "mini_batch_size": "per_device_train_batch_size (policy) and critic_mini_batch_size (critic)",
+    "num_mini_batches": "steps_per_generation",
+    "num_ppo_epochs": "ppo_epochs (= TRL's num_iterations)",
+    "vf_coef": "critic_learning_rate (the critic has its own optimizer: no shared loss coefficient)",
+    "cliprange": "epsilon (and epsilon_high for clip-higher)",
+    "kl_coef": "beta (TRL's KL coefficient)",
+    "init_kl_coef": "beta (TRL's KL coefficient)",
+    "lam": "gae_lambda (the actor's fixed lambda) or critic_lambda (the critic's targets)",
+    "response_length": "max_completion_length",
+    "total_episodes": "max_steps",
+    "whiten_rewards": "whiten_advantages",
+    "hvm_weight": "hvm_global_weight",
+    "value_model": "critic_model_name_or_path (or SynAPOTrainer(critic_model=...))",
+    "critic_model": "critic_model_name_or_path (or SynAPOTrainer(critic_model=...))",
+    "value_model_path": "critic_model_name_or_path",
+    "model_name": "SynAPOTrainer(model=...): the model is the trainer's argument",
+    "model_name_or_path": "SynAPOTrainer(model=...): the model is the trainer's argument",
+    "sft_model_path": "SynAPOTrainer(model=...): the model is the trainer's argument",
+    "reward_model_path": "SynAPOTrainer(reward_funcs=...): rewards are the trainer's argument",
+    "tokenizer": "SynAPOTrainer(tokenizer=...) or processing_class=...: the tokenizer is the trainer's argument",
+}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -69,6 +109,12 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
         cliprange_value (`float`, *optional*, defaults to `0.5`):
             PPO value clipping around the rollout-time values (`None`: off).
 
+        > The write-up's spelling
+
+        ppo_epochs (`int`, *optional*):
+            The research write-up's (and legacy TRL's) name of TRL's `num_iterations`: policy updates per generation
+            batch. Setting it sets `num_iterations`; the critic's passes stay `critic_epochs`.
+
         > SynAPO's own parameters (`synapo_ext.core.SynAPOParams`)
 
         gamma, gae_lambda, critic_lambda, whiten_advantages, length_adaptive_lambda, ea_gae_enabled, ea_gae_alpha,
@@ -105,9 +151,23 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
     )
     critic_max_grad_norm: float | None = field(default=1.0, metadata=_help("Critic gradient clipping (0: off)."))
     cliprange_value: float | None = field(default=0.5, metadata=_help("PPO value clip range (None: off)."))
+    # The write-up's spelling
+    ppo_epochs: int | None = field(
+        default=None, metadata=_help("Alias of TRL's num_iterations (the write-up's name); sets it when given.")
+    )
 
     def __post_init__(self):
         preset = params_from_preset(self.preset)  # raises naming `preset`
+        if self.ppo_epochs is not None:
+            if isinstance(self.ppo_epochs, bool) or not isinstance(self.ppo_epochs, int) or self.ppo_epochs < 1:
+                raise ValueError(f"`ppo_epochs` must be an integer >= 1, got {self.ppo_epochs!r}")
+            if self.num_iterations not in (1, self.ppo_epochs):
+                raise ValueError(
+                    f"`ppo_epochs` ({self.ppo_epochs}) and `num_iterations` ({self.num_iterations}) name the same "
+                    "setting and disagree: set only one"
+                )
+            self.num_iterations = self.ppo_epochs
+        self._validate_critic_fields()  # before TRL's checks: name the critic's field first
         for name in PRESET_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
@@ -121,15 +181,58 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
             )
         super().__post_init__()
         self.validate()  # SynAPOParams' checks, each naming its field
+
+    def _validate_critic_fields(self) -> None:
+        """The critic's settings, each refused here (not after the first rollout) with its field's name."""
         for name in ("critic_epochs", "critic_mini_batch_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        if not self.critic_learning_rate > 0:
-            raise ValueError(f"`critic_learning_rate` must be > 0, got {self.critic_learning_rate}")
-        if self.cliprange_value is not None and not self.cliprange_value > 0:
-            raise ValueError(f"`cliprange_value` must be > 0 or None, got {self.cliprange_value}")
+        checks = (  # (name, may be None, lowest legal value, lowest is legal)
+            ("critic_learning_rate", False, 0.0, False),
+            ("critic_weight_decay", False, 0.0, True),
+            ("critic_max_grad_norm", True, 0.0, True),
+            ("cliprange_value", True, 0.0, False),
+        )
+        for name, optional, low, inclusive in checks:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+            if value < low or (value == low and not inclusive):
+                expected = f">= {low}" if inclusive else f"> {low}"
+                raise ValueError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value}")
+        if self.critic_lr_scheduler_type not in CRITIC_SCHEDULERS:
+            raise ValueError(
+                f"`critic_lr_scheduler_type` must be one of {list(CRITIC_SCHEDULERS)} (schedulers that step "
+                f"without a metric or extra arguments), got {self.critic_lr_scheduler_type!r}"
+            )
 
     def synapo_params(self) -> SynAPOParams:
         """The core's parameters (a plain `SynAPOParams`) as this config resolves them."""
         return SynAPOParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SynAPOParams)})
+
+
+def _unknown_keyword_message(name: str) -> str:
+    if name in RENAMED_KEYWORDS:
+        return f"SynAPOConfig has no argument `{name}`: write {RENAMED_KEYWORDS[name]} instead"
+    close = difflib.get_close_matches(name, _INIT_FIELDS, n=3, cutoff=0.75)
+    hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else "see SynAPOConfig's docstring"
+    return f"SynAPOConfig has no argument `{name}`: {hint} (`python examples/trl_synapo.py --help` lists every option)"
+
+
+_INIT_FIELDS = frozenset(f.name for f in dataclasses.fields(SynAPOConfig) if f.init)
+_dataclass_init = SynAPOConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_hints(self, *args, **kwargs):
+    """The dataclass `__init__`, with an unknown keyword refused by a message saying what to write instead."""
+    for name in kwargs:
+        if name not in _INIT_FIELDS:
+            raise TypeError(_unknown_keyword_message(name))
+    _dataclass_init(self, *args, **kwargs)
+
+
+SynAPOConfig.__init__ = _init_with_hints

@@ -10,13 +10,22 @@ import copy
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel
 
-__all__ = ["build_critic", "critic_values", "load_critic_state", "save_critic_state"]
+__all__ = [
+    "IncompleteCheckpointError",
+    "build_critic",
+    "check_critic_state",
+    "critic_values",
+    "load_critic_state",
+    "save_critic_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +33,9 @@ CRITIC_DIR = "critic"
 OPTIMIZER_FILE = "critic_optimizer.pt"
 SCHEDULER_FILE = "critic_scheduler.pt"
 STATE_FILE = "critic_trainer_state.json"
+MANIFEST_FILE = "critic_manifest.json"  # written last: the critic part is complete iff it lists every file
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights (large critics)
 
 
 def _num_labels(model: nn.Module) -> int | None:
@@ -91,39 +103,115 @@ def _unwrapped(critic: nn.Module) -> nn.Module:
     return getattr(critic, "module", critic)
 
 
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint whose critic part is missing or partial (a save was interrupted): it cannot be resumed exactly."""
+
+
 def save_critic_state(
-    output_dir: str, critic: nn.Module, optimizer=None, scheduler=None, state=None, *, weights: bool = True
-) -> None:
-    """Write `output_dir/critic/`: the weights (safetensors + config) and, if given, optimizer, scheduler, counters."""
-    critic_dir = os.path.join(output_dir, CRITIC_DIR)
-    os.makedirs(critic_dir, exist_ok=True)
-    if weights:
-        _unwrapped(critic).save_pretrained(critic_dir)
+    output_dir: str, critic: nn.Module, optimizer=None, scheduler=None, state: dict | None = None
+) -> str:
+    """Write `output_dir/critic/` complete or not at all; returns its path.
+
+    Everything goes into a temporary sibling folder: the weights (safetensors + config, `from_pretrained` loads them),
+    then, if given, the optimizer's and scheduler's `state_dict()`s and the trainer's counters (`state`), and last a
+    manifest of every file and its size. The folder is then renamed to `critic/` (atomic on one file system), so a
+    kill at any point leaves either the previous `critic/` or the new one, never a mix.
+    """
+    final = os.path.join(output_dir, CRITIC_DIR)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{CRITIC_DIR}.tmp-", dir=output_dir)
+    _unwrapped(critic).save_pretrained(tmp, safe_serialization=True)
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(critic_dir, OPTIMIZER_FILE))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), os.path.join(critic_dir, SCHEDULER_FILE))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
     if state is not None:
-        with open(os.path.join(critic_dir, STATE_FILE), "w") as f:
-            json.dump(state, f)
+        _write_json(os.path.join(tmp, STATE_FILE), state)
+    files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    _write_json(os.path.join(tmp, MANIFEST_FILE), {"format": 1, "files": files})
+    old = None
+    if os.path.exists(final):  # an export over an older one: move it aside first (os.replace needs no target)
+        old = tempfile.mkdtemp(prefix=f".{CRITIC_DIR}.old-", dir=output_dir)
+        os.replace(final, os.path.join(old, CRITIC_DIR))
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
-def load_critic_state(checkpoint: str, critic: nn.Module, optimizer=None, scheduler=None) -> dict | None:
-    """Restore what `save_critic_state` wrote (weights_only loads); returns the counters, or None if absent."""
+def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
+    """Raise `IncompleteCheckpointError` unless `checkpoint/critic/` is complete.
+
+    Complete: its manifest exists and lists every file with its size, and (with `training_state`) the optimizer,
+    scheduler and counters are among them.
+    """
     critic_dir = os.path.join(checkpoint, CRITIC_DIR)
-    weights = os.path.join(critic_dir, "model.safetensors")
-    if not os.path.exists(weights):
-        logger.warning("no critic in checkpoint %s: the critic starts from its current weights", checkpoint)
-        return None
+    manifest_path = os.path.join(critic_dir, MANIFEST_FILE)
+    if not os.path.isdir(critic_dir):
+        raise IncompleteCheckpointError(f"{checkpoint} has no critic part ({CRITIC_DIR}/)")
+    if not os.path.isfile(manifest_path):
+        raise IncompleteCheckpointError(
+            f"{critic_dir} has no {MANIFEST_FILE}: it was written partly, or by an older synapo_ext"
+        )
+    with open(manifest_path) as f:
+        files = json.load(f)["files"]
+    required = [OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE] if training_state else []
+    missing = [name for name in required if name not in files]
+    if WEIGHTS_FILE not in files and WEIGHTS_INDEX_FILE not in files:
+        missing.append(WEIGHTS_FILE)
+    bad = [
+        name
+        for name, size in files.items()
+        if not os.path.isfile(os.path.join(critic_dir, name))
+        or os.path.getsize(os.path.join(critic_dir, name)) != size
+    ]
+    if missing or bad:
+        raise IncompleteCheckpointError(
+            f"{critic_dir} is incomplete: missing from the manifest {missing}, missing or of the wrong size {bad}"
+        )
+
+
+def load_critic_state(checkpoint: str, critic: nn.Module, optimizer=None, scheduler=None) -> dict:
+    """Restore what `save_critic_state` wrote into `checkpoint`: weights (strictly), optimizer, scheduler; returns
+    the counters. Only safetensors and `torch.load(weights_only=True)`.
+
+    Raises:
+        IncompleteCheckpointError: the critic part is missing or partial.
+        ValueError: the weights do not fit the critic (missing or unexpected keys), naming them.
+    """
+    check_critic_state(checkpoint)
+    critic_dir = os.path.join(checkpoint, CRITIC_DIR)
     model = _unwrapped(critic)
-    state_dict = load_file(weights, device=str(next(model.parameters()).device))
-    model.load_state_dict(state_dict, strict=False)  # tied / non-persistent entries may be absent
+    state_dict = _read_weights(critic_dir, device=str(next(model.parameters()).device))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the critic weights in {critic_dir} do not fit this critic: missing keys {missing}, unexpected keys "
+            f"{unexpected} (was the checkpoint written with another preset, HVM setting or critic model?)"
+        )
     for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
-        path = os.path.join(critic_dir, name)
-        if obj is not None and os.path.exists(path):
-            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    path = os.path.join(critic_dir, STATE_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+        if obj is not None:
+            obj.load_state_dict(torch.load(os.path.join(critic_dir, name), map_location="cpu", weights_only=True))
+    with open(os.path.join(critic_dir, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def _read_weights(critic_dir: str, device: str) -> dict[str, torch.Tensor]:
+    """The state dict `save_pretrained` wrote: one safetensors file, or the shards its index lists."""
+    index = os.path.join(critic_dir, WEIGHTS_INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = [WEIGHTS_FILE]
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state_dict.update(load_file(os.path.join(critic_dir, shard), device=device))
+    return state_dict
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())

@@ -7,23 +7,61 @@ References: SPEC (../shared/SPEC.md); VAPO, arXiv 2504.05118; TRL issue #4525 (c
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import logging
 import math
 import os
+import re
+from collections import defaultdict
 
 import torch
-from transformers import get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOTrainer
 
 from ..core import boundary_table_from_tokenizer, compute_synapo_advantages, scvl_group_stats
+from ..core.warmup import ValueWarmupRule
+from ._compat import check_hooks, check_old_logps_condition, check_rollout_output, trl_runs_old_logps
 from .config import SynAPOConfig
-from .critic import build_critic, critic_values, load_critic_state, save_critic_state
+from .critic import (
+    IncompleteCheckpointError,
+    build_critic,
+    check_critic_state,
+    critic_values,
+    load_critic_state,
+    save_critic_state,
+)
 from .update import CriticBatch, scvl_sides, update_critic
 
 __all__ = ["SynAPOTrainer"]
 
 logger = logging.getLogger(__name__)
+
+check_hooks(GRPOTrainer)  # the private methods wrapped below (synapo_ext/trl/_compat.py states each assumption)
+check_old_logps_condition(GRPOTrainer)
+
+_GRPO_PARAMETERS = tuple(inspect.signature(GRPOTrainer.__init__).parameters)[1:]
+# Keywords of the research write-up, legacy TRL (`PPOTrainer` <= 0.11) or near-misses, and what to write instead.
+RENAMED_TRAINER_KEYWORDS = {
+    "ref_model": "nothing: TRL keeps its own reference model (set `beta` > 0 in SynAPOConfig for a KL penalty)",
+    "reward_model": "reward_funcs=[reward_model] (a model, a hub id or a function)",
+    "value_model": "critic_model=...",
+    "data_collator": "nothing: GRPO batches the dataset's `prompt` column itself",
+    "optimizer": "optimizers=(optimizer, lr_scheduler)",
+}
+
+
+_EV_NOTE = (
+    " (explained variance far below 0: the returns are nearly constant, e.g. almost every reward equal, so their "
+    "variance is tiny and any error of the critic dwarfs it; it says the batch has little to explain, not that the "
+    "critic is broken)"
+)
+_STOP_REASONS = {
+    "cap": "reached value_warmup_steps",
+    "target_ev": "held-out explained variance reached value_warmup_target_ev",
+    "plateau": "held-out critic loss stopped improving (value_warmup_patience)",
+}
 
 
 class SynAPOTrainer(GRPOTrainer):
@@ -40,24 +78,54 @@ class SynAPOTrainer(GRPOTrainer):
       runs one) and the with-grad log-probs of the loss pass (for the positive-example LM loss).
     - `_calculate_rewards`: keeps the raw rewards (TRL's output holds only normalised advantages).
     - `_compute_loss`: adds `positive_lm_coef` * NLL of the correct responses.
-    - `save_model`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: the critic, its optimizer and scheduler.
+    - `save_model`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: the critic, its optimizer, scheduler and
+      counters, written complete-or-absent after TRL's part of a checkpoint (TRL's rotation of old checkpoints waits
+      for it); `train` refuses to resume from a checkpoint whose critic part is missing or partial.
 
     Args:
         critic_model: a path / hub id of a token-classification model, a model, or `None` (initialised from the
             policy's weights, or from `args.critic_model_name_or_path` when set).
-        Every other argument is `GRPOTrainer`'s.
+        config: the research write-up's name of `args` (a `SynAPOConfig`).
+        tokenizer: the research write-up's name of `processing_class`.
+        Every other argument is `GRPOTrainer`'s; any other keyword is refused with what to write instead.
     """
 
     _tag_names = ["trl", "synapo"]
     _name = "SynAPO"
 
-    def __init__(self, model, reward_funcs=None, args: SynAPOConfig | None = None, *, critic_model=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: SynAPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        critic_model=None,
+        config: SynAPOConfig | None = None,
+        tokenizer=None,
+        **kwargs,
+    ):
+        for name in kwargs:
+            if name not in _GRPO_PARAMETERS:
+                raise TypeError(_unknown_keyword_message(name))
+        args = _one_of("args", args, "config", config)
+        processing_class = _one_of("processing_class", processing_class, "tokenizer", tokenizer)
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SynAPOConfig(f"{name.split('/')[-1]}-SynAPO")
         if not isinstance(args, SynAPOConfig):
-            raise TypeError(f"`args` must be a SynAPOConfig, got {type(args).__name__}")
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+            raise TypeError(f"`args` (or `config`) must be a SynAPOConfig, got {type(args).__name__}")
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         self.synapo = args.synapo_params()
         policy = self.accelerator.unwrap_model(self.model)
         critic_model = critic_model if critic_model is not None else args.critic_model_name_or_path
@@ -69,8 +137,11 @@ class SynAPOTrainer(GRPOTrainer):
         )
         self.critic_scheduler = None  # built once the number of steps is known (_critic_lr_scheduler)
         self.boundary_table = self._boundary_table(policy) if self.synapo.hvm_enabled else None
-        self._warmup_done = 0
+        self._warmup_done = 0  # warm-up rollout batches done
+        self._warmup_finished = self.synapo.value_warmup_steps == 0
+        self._warmup_stop_reason = None
         self._critic_updates = 0
+        self._saving_checkpoint = False
         self._warmup_iterator = None
         self._capture_entropy = self._capture_logps = False
         self._rollout_entropy = self._kept_logps = self._rewards_per_func = None
@@ -121,6 +192,11 @@ class SynAPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if self._capture_entropy:  # TRL's old-log-prob pass: ask it for the entropy too (same forward)
             self._capture_entropy = False
+            if model is not self.model:
+                raise RuntimeError(
+                    "TRL's first log-prob pass of the rollout was not on the policy: synapo_ext/trl/_compat.py's "
+                    "assumption 3 (the old-log-prob pass comes first) no longer holds for this TRL"
+                )
             kwargs["compute_entropy"] = True
             out = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -136,30 +212,83 @@ class SynAPOTrainer(GRPOTrainer):
 
     def _rollout(self, inputs):
         """TRL's generation and scoring, keeping the rollout-time entropy when TRL's old-log-prob pass runs."""
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        trl_runs_old_logps = self.args.gradient_accumulation_steps % generate_every != 0 or (
-            self.use_vllm and self.vllm_importance_sampling_correction
-        )
-        self._capture_entropy = self.synapo.ea_gae_enabled and trl_runs_old_logps  # must match grpo_trainer.py:2641
+        runs_old_logps = trl_runs_old_logps(self)
+        self._capture_entropy = self.synapo.ea_gae_enabled and runs_old_logps
         self._rollout_entropy = None
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._capture_entropy = False
-        if "old_per_token_logps" not in output:
-            self._rollout_entropy = None  # whatever was captured was not the old-log-prob pass
+        check_rollout_output(output, runs_old_logps)
         return output
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
-        if mode == "train":
-            while self._warmup_done < self.synapo.value_warmup_steps:  # VAPO's value pretraining
-                self._synapo_stage(self._rollout(self._next_warmup_batch()), mode)
-                self._warmup_done += 1
-                logger.info("critic warm-up %d/%d", self._warmup_done, self.synapo.value_warmup_steps)
+        if mode == "train" and not self._warmup_finished:
+            self._value_warmup()
         output = self._rollout(inputs)
-        self._synapo_stage(output, mode)
+        self._log_metrics(mode, *self._synapo_stage(output, mode))
         return output
+
+    def _value_warmup(self) -> None:
+        """VAPO's value pretraining: critic-only rollout batches until `ValueWarmupRule` stops them (at most
+        `value_warmup_steps`). Its metrics go to their own log entries (`warmup/...`, one per batch), not into the
+        first training step's; each batch is also a WARNING line (critic loss, explained variance)."""
+        rule = ValueWarmupRule.from_params(self.synapo)
+        cap = self.synapo.value_warmup_steps
+        while True:
+            trl_metrics, self._metrics["train"] = self._metrics["train"], defaultdict(list)
+            try:
+                means, totals = self._synapo_stage(self._rollout(self._next_warmup_batch()), "train")
+                logs = self._reduce_metrics(means, totals)
+                rollout_metrics = self._metrics["train"]  # TRL's reward / length metrics of this warm-up batch
+            finally:
+                self._metrics["train"] = trl_metrics
+            logs.update({name: sum(values) / len(values) for name, values in rollout_metrics.items() if values})
+            self._warmup_done += 1
+            if logs.get("synapo/batches_skipped", 0.0) > 0:  # nothing to learn from: counts towards the cap only
+                decision = None
+            else:
+                decision = rule.update(logs["critic/heldout_vf_loss"], logs["critic/explained_variance"])
+            stop = (decision is not None and decision.stop) or self._warmup_done >= cap
+            reason = decision.reason if decision is not None and decision.stop else "cap"
+            self._warmup_line(logs, decision, reason if stop else None)
+            if stop:
+                break
+        self._warmup_finished, self._warmup_stop_reason = True, reason
+
+    def _warmup_line(self, logs: dict[str, float], decision, stop_reason: str | None) -> None:
+        """Log one warm-up batch: a `warmup/...` log entry and a WARNING line (visible at the default verbosity)."""
+        cap = self.synapo.value_warmup_steps
+        entry = {f"warmup/{name}": value for name, value in logs.items()}
+        entry["warmup/step"] = float(self._warmup_done)
+        if decision is not None:
+            entry["warmup/explained_variance_window_mean"] = decision.ev_mean
+            entry["warmup/heldout_vf_loss_window_mean"] = decision.loss_mean
+        Trainer.log(self, entry)  # transformers' log: TRL's would fold in the training step's metrics
+        if not self.accelerator.is_main_process:
+            return
+        if decision is None:
+            logger.warning(
+                "SynAPO value warm-up %d/%d: skipped, no row had a valid token and a score", self._warmup_done, cap
+            )
+        else:
+            logger.warning(
+                "SynAPO value warm-up %d/%d (critic only): held-out critic loss %.4g, explained variance %.3f "
+                "(window mean %.3f)%s",
+                self._warmup_done,
+                cap,
+                logs["critic/heldout_vf_loss"],
+                logs["critic/explained_variance"],
+                decision.ev_mean,
+                _EV_NOTE if decision.ev_mean < -1 and self._warmup_done == 1 else "",
+            )
+        if stop_reason is not None:
+            logger.warning(
+                "SynAPO value warm-up done after %d rollout batches (%s); policy training starts",
+                self._warmup_done,
+                _STOP_REASONS[stop_reason],
+            )
 
     def _next_warmup_batch(self):
         if self._warmup_iterator is None:
@@ -190,8 +319,17 @@ class SynAPOTrainer(GRPOTrainer):
 
     # --- the SynAPO stage -------------------------------------------------------------------------------------
 
-    def _synapo_stage(self, output, mode: str) -> None:
-        """Replace `output["advantages"]` by SynAPO's (B, T) advantages; in training, update the critic."""
+    def _synapo_stage(self, output, mode: str) -> tuple[dict[str, float], dict[str, float]]:
+        """Replace `output["advantages"]` by SynAPO's (B, T) advantages; in training, update the critic.
+
+        Rows with no valid token (e.g. `mask_truncated_completions`) or no score (every reward function returned
+        None/NaN for them) get zero advantages, join no SCVL pair, no positive-LM loss and no critic target; they are
+        counted (`synapo/rows_empty`, `synapo/rows_unscored`). A batch where no process has a row left is skipped
+        (`synapo/batches_skipped`): no advantage, no critic step.
+
+        Returns:
+            (metrics to average over processes, metrics to sum over processes).
+        """
         device, params = self.accelerator.device, self.synapo
         completion_ids = output["completion_ids"]
         mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
@@ -206,68 +344,84 @@ class SynAPOTrainer(GRPOTrainer):
                 f"({num_generations}): SCVL and the group layout need complete groups"
             )
 
-        # Outcome score of each row (TRL's weighted sum, unscorable rows 0), on its last valid token
+        # Outcome score of each row: TRL's weighted sum over reward functions; NaN where every function gave None/NaN
         rewards_per_func = self._rewards_per_func.to(device)
+        all_scored = ~torch.isnan(rewards_per_func).all(dim=1)
         all_scores = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
-        scores = all_scores[offset : offset + B]
-        valid = mask.sum(dim=1) > 0  # rows with no valid token (mask_truncated_completions) get no advantage
+        scores, scored = all_scores[offset : offset + B], all_scored[offset : offset + B]
+        has_tokens = mask.sum(dim=1) > 0
+        valid = has_tokens & scored
+        output["advantages"] = torch.zeros(B, T, device=device)
+        output["synapo_positive"] = valid & (scores >= params.positive_lm_threshold)
+        totals = {
+            "synapo/rows_empty": float((~has_tokens).sum()),
+            "synapo/rows_unscored": float((has_tokens & ~scored).sum()),
+        }
+        n_valid = self.accelerator.gather(valid.sum().reshape(1)).sum()
+        if n_valid == 0:  # nothing to learn from on any process: skip, count
+            self._log_row_advantages(output["advantages"], mask)
+            totals["synapo/batches_skipped"] = 1.0
+            return {}, totals
+        totals["synapo/batches_skipped"] = 0.0
+
         last = T - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
         rewards = torch.zeros(B, T, device=device)
-        rewards[torch.arange(B, device=device), last] = scores
+        rewards[torch.arange(B, device=device), last] = torch.where(valid, scores, 0.0)
         entropy = self._rollout_entropy_for(output, input_ids, attention_mask, mode) if params.ea_gae_enabled else None
         with torch.no_grad(), self.accelerator.autocast():
             values = critic_values(self.critic, input_ids, attention_mask, T)  # (B, T, H)
+        critic_mask = mask * valid.unsqueeze(1).to(mask.dtype)  # tokens with a target
 
-        def rows(x):
-            return None if x is None else x[valid]
+        means: dict[str, float] = {}
+        if valid.any():
 
-        result = compute_synapo_advantages(
-            dataclasses.replace(params, scvl_enabled=False),  # SCVL pairs below: their scope may span processes
-            rewards=rewards[valid],
-            values=values[valid][..., 0],
-            response_mask=mask[valid],
-            global_values=values[valid][..., 1] if params.hvm_enabled else None,
-            entropy=rows(entropy),
-            response_ids=completion_ids[valid],
-            boundary_table=self.boundary_table,
-        )
-        advantages = torch.zeros(B, T, device=device)
-        advantages[valid] = result.advantages.float()
-        output["advantages"] = advantages * mask
+            def rows(x):
+                return None if x is None else x[valid]
+
+            result = compute_synapo_advantages(
+                dataclasses.replace(params, scvl_enabled=False),  # SCVL pairs below: their scope may span processes
+                rewards=rewards[valid],
+                values=values[valid][..., 0],
+                response_mask=mask[valid],
+                global_values=values[valid][..., 1] if params.hvm_enabled else None,
+                entropy=rows(entropy),
+                response_ids=completion_ids[valid],
+                boundary_table=self.boundary_table,
+            )
+            output["advantages"][valid] = result.advantages.float()
+            output["advantages"] *= mask
+            means.update(result.metrics)
+        else:  # this process has no row to learn from, others have: it still takes part in the critic's steps
+            result = None
         self._log_row_advantages(output["advantages"], mask)
-        output["synapo_positive"] = scores >= params.scvl_threshold
-        metrics = dict(result.metrics)
-        if entropy is not None:
-            metrics["ea_gae/entropy_mean"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+        if entropy is not None and critic_mask.sum() > 0:
+            means["ea_gae/entropy_mean"] = float((entropy * critic_mask).sum() / critic_mask.sum())
         if mode != "train":
-            self._log_metrics(mode, metrics)
-            return
+            return means, totals
 
         def full(x, fill=0.0):
-            if x is None:
-                return None
-            out = torch.full((B, T), fill, dtype=x.dtype, device=device)
-            out[valid] = x
+            out = torch.full((B, T), fill, dtype=torch.bool if isinstance(fill, bool) else torch.float, device=device)
+            if x is not None:
+                out[valid] = x.to(out.dtype)
             return out
 
         batch = CriticBatch(
             input_ids,
             attention_mask,
-            mask.float(),
-            full(result.returns.float()),
+            critic_mask.float(),
+            full(None if result is None else result.returns),
             values,
-            full(None if result.global_returns is None else result.global_returns.float()),
-            full(result.start_mask, False),
+            full(None if result is None else result.global_returns) if params.hvm_enabled else None,
+            full(None if result is None else result.start_mask, False) if params.hvm_enabled else None,
         )
-        totals = {}
         if params.scvl_enabled:
             batch.sides, totals["critic/scvl_pairs"], scvl_metrics = self._scvl_scope(
-                completion_ids, mask, valid, all_scores, values[..., 0], offset, num_generations
+                completion_ids, mask, valid, all_scores, all_scored, values[..., 0], offset, num_generations
             )
-            metrics.update(scvl_metrics)
-        metrics.update(self._explained_variance(batch.returns, values[..., 0], mask))
+            means.update(scvl_metrics)
+        means.update(self._explained_variance(batch.returns, values[..., 0], critic_mask))
         generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
-        metrics.update(
+        means.update(
             update_critic(
                 self.critic,
                 self.critic_optimizer,
@@ -283,8 +437,8 @@ class SynAPOTrainer(GRPOTrainer):
             )
         )
         self._critic_updates += 1
-        metrics["critic/warmup_done"] = float(self._warmup_done)
-        self._log_metrics(mode, metrics, totals)
+        means["critic/warmup_done"] = float(self._warmup_done)
+        return means, totals
 
     def _log_row_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> None:
         """Show SynAPO's advantages in TRL's completions table: TRL logged its GRPO ones for these rows; replace
@@ -297,8 +451,9 @@ class SynAPOTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(row_means)
 
-    def _scvl_scope(self, completion_ids, mask, valid, all_scores, values, offset, num_generations):
-        """SCVL sides for this process: pairs from its own rows when its groups are whole, else from all ranks'."""
+    def _scvl_scope(self, completion_ids, mask, valid, all_scores, all_scored, values, offset, num_generations):
+        """SCVL sides for this process: pairs from its own rows when its groups are whole, else from all ranks'.
+        Only rows in `valid` (a valid token and a score) are paired; `all_scores` / `all_scored`: (B * world,)."""
         B = completion_ids.size(0)
         world = self.accelerator.num_processes
         local_index = torch.arange(B, device=values.device)
@@ -310,22 +465,27 @@ class SynAPOTrainer(GRPOTrainer):
             valid = self.accelerator.gather(valid)
             local_index = torch.arange(B * world, device=values.device) - offset
             local_index[(local_index < 0) | (local_index >= B)] = -1
-            scores, group_ids, scope_world = all_scores, torch.arange(B * world) // num_generations, world
+            scores, scored, scope_world = all_scores, all_scored, world
+            group_ids = torch.arange(B * world) // num_generations
         else:
-            scores, scope_world = all_scores[offset : offset + B], 1
+            scores, scored, scope_world = all_scores[offset : offset + B], all_scored[offset : offset + B], 1
             group_ids = (offset + torch.arange(B)) // num_generations
         keep = valid.nonzero().squeeze(1)
+        group_ids = group_ids.to(keep.device)
         sides, n_pairs = scvl_sides(
             self.synapo,
             completion_ids[keep],
             mask[keep],
             scores[keep],
-            group_ids.to(keep.device)[keep],
+            group_ids[keep],
             values[keep],
             local_index=local_index[keep],
             world_size=scope_world,
         )
-        stats = scvl_group_stats(scores, group_ids.to(scores.device), threshold=self.synapo.scvl_threshold)
+        scored_rows = scored.nonzero().squeeze(1)
+        stats = scvl_group_stats(
+            scores[scored_rows], group_ids.to(scores.device)[scored_rows], threshold=self.synapo.scvl_threshold
+        )
         metrics = {
             "synapo/scvl/groups_mixed": float(stats["groups_mixed"]) / scope_world,
             "synapo/scvl/groups_skipped": float(stats["groups"] - stats["groups_mixed"]) / scope_world,
@@ -334,27 +494,41 @@ class SynAPOTrainer(GRPOTrainer):
 
     @staticmethod
     def _explained_variance(returns, values, mask):
+        """Held-out critic numbers on a fresh rollout batch (the critic has not trained on it yet): explained
+        variance 1 - Var(G - V) / Var(G) and the value loss 0.5 * mean (V - G)^2 over `mask`'s tokens (head 0: the
+        single head, or HVM's local head). Near-constant returns make Var(G) tiny and the explained variance very
+        negative without saying much (see `_EV_NOTE`)."""
         m = mask.bool()
+        if not m.any():
+            return {}
         target, residual = returns[m].double(), (returns - values)[m].double()
         var = target.var() if target.numel() > 1 else torch.zeros((), dtype=torch.float64)
         ev = 1.0 - residual.var() / var if var > 0 else torch.zeros((), dtype=torch.float64)
         return {
             "critic/explained_variance": float(ev),
+            "critic/heldout_vf_loss": float(0.5 * residual.square().mean()),
             "critic/values_mean": float(values[m].mean()),
             "critic/returns_mean": float(target.mean()),
         }
 
-    def _log_metrics(self, mode: str, means: dict[str, float], totals: dict[str, float] | None = None) -> None:
-        """Append to TRL's metrics: `means` averaged over processes, `totals` summed (keys equal on every rank)."""
+    def _reduce_metrics(self, means: dict[str, float], totals: dict[str, float] | None = None) -> dict[str, float]:
+        """`means` averaged over processes, `totals` summed (names may differ between ranks: a missing one is NaN
+        and left out of the average)."""
+        out: dict[str, float] = {}
         for reduce, values in (("mean", means), ("sum", totals or {})):
-            if not values:
+            names = sorted(_gather_names(self.accelerator, values))
+            if not names:
                 continue
-            names = sorted(values)
-            local = torch.tensor([float(values[n]) for n in names], device=self.accelerator.device)
+            local = torch.tensor([float(values.get(n, math.nan)) for n in names], device=self.accelerator.device)
             gathered = self.accelerator.gather(local).view(-1, len(names))
-            reduced = gathered.mean(0) if reduce == "mean" else gathered.sum(0)
-            for name, value in zip(names, reduced.tolist(), strict=True):
-                self._metrics[mode][name].append(value)
+            reduced = gathered.nanmean(0) if reduce == "mean" else gathered.nansum(0)
+            out.update(zip(names, reduced.tolist(), strict=True))
+        return out
+
+    def _log_metrics(self, mode: str, means: dict[str, float], totals: dict[str, float] | None = None) -> None:
+        """Append to TRL's metrics (logged and averaged by TRL's `log`)."""
+        for name, value in self._reduce_metrics(means, totals).items():
+            self._metrics[mode][name].append(value)
 
     # --- loss -------------------------------------------------------------------------------------------------
 
@@ -378,29 +552,122 @@ class SynAPOTrainer(GRPOTrainer):
             self._metrics[mode]["synapo/positive_lm/nll"].append(self.accelerator.gather(nll.detach()).mean().item())
         return loss
 
-    # --- saving -----------------------------------------------------------------------------------------------
+    # --- saving and resuming ------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """TRL's `save_model`, plus the critic in `<output_dir>/critic/` (safetensors; `from_pretrained` loads it)."""
+        """TRL's `save_model`, plus the critic in `<output_dir>/critic/` (safetensors; `from_pretrained` loads it).
+        Inside a checkpoint the critic part is written by `_save_checkpoint`, after TRL's part."""
         super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
+        if self.args.should_save and not self._saving_checkpoint:
             save_critic_state(output_dir or self.args.output_dir, self.critic)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)  # calls save_model: the critic's weights are there already
-        if self.args.should_save:
-            checkpoint = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            counters = {"warmup_done": self._warmup_done, "critic_updates": self._critic_updates}
-            save_critic_state(
-                checkpoint, self.critic, self.critic_optimizer, self.critic_scheduler, counters, weights=False
-            )
+        """TRL's checkpoint, then the critic part (weights, optimizer, scheduler, counters) complete-or-absent, then
+        TRL's rotation of old checkpoints: a kill at any point never leaves an incomplete newest checkpoint as the
+        only one, and `train(resume_from_checkpoint=...)` refuses an incomplete one."""
+        limit = self.args.save_total_limit
+        self._saving_checkpoint, self.args.save_total_limit = True, None  # rotate only once the critic is written
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint, self.args.save_total_limit = False, limit
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        counters = {
+            "warmup_done": self._warmup_done,
+            "warmup_finished": self._warmup_finished,
+            "warmup_stop_reason": self._warmup_stop_reason,
+            "critic_updates": self._critic_updates,
+        }
+        save_critic_state(checkpoint, self.critic, self.critic_optimizer, self._critic_lr_scheduler(), counters)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """TRL's `train`; a checkpoint to resume from must be complete (its critic part is written last).
+
+        Raises:
+            IncompleteCheckpointError: the checkpoint's critic part is missing or partial, naming the last complete
+                checkpoint beside it, if any.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: TRL's own error
+        if isinstance(resume_from_checkpoint, str):
+            _check_resumable(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             counters = load_critic_state(checkpoint, self.critic, self.critic_optimizer, self._critic_lr_scheduler())
-            if counters is not None:
-                self._warmup_done = counters["warmup_done"]
-                self._critic_updates = counters["critic_updates"]
+            self._warmup_done = counters["warmup_done"]
+            self._warmup_finished = True  # a checkpoint comes after a training step, so after the warm-up
+            self._warmup_stop_reason = counters.get("warmup_stop_reason")
+            self._critic_updates = counters["critic_updates"]
+
+
+def _check_resumable(checkpoint: str) -> None:
+    """Raise `IncompleteCheckpointError` unless `checkpoint`'s critic part is complete, naming the last complete
+    checkpoint in the same folder."""
+    try:
+        check_critic_state(checkpoint)
+    except IncompleteCheckpointError as err:
+        parent = os.path.dirname(os.path.normpath(checkpoint))
+        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+        steps = sorted(
+            (int(m.group(1)), name) for name in os.listdir(parent) if (m := pattern.match(name)) is not None
+        )
+        complete = [os.path.join(parent, name) for _, name in steps if _is_complete(os.path.join(parent, name))]
+        hint = (
+            f"resume from {complete[-1]}, the last complete checkpoint (resume_from_checkpoint={complete[-1]!r}), "
+            f"after deleting {checkpoint}"
+            if complete
+            else "no complete checkpoint is left in that folder: start again without resume_from_checkpoint"
+        )
+        raise IncompleteCheckpointError(
+            f"cannot resume from {checkpoint}: {err}. Its save was interrupted, so resuming would restart the critic "
+            f"(warm-up, Adam state, counters) silently; {hint}"
+        ) from err
+
+
+def _is_complete(checkpoint: str) -> bool:
+    try:
+        check_critic_state(checkpoint)
+    except IncompleteCheckpointError:
+        return False
+    return True
+
+
+def _one_of(name: str, value, alias: str, alias_value):
+    """`value`, or the write-up's `alias` for it; both given (and different) is an error."""
+    if alias_value is None:
+        return value
+    if value is not None and value is not alias_value:
+        raise TypeError(f"pass either `{name}` or `{alias}` (the write-up's name for it), not both")
+    return alias_value
+
+
+def _unknown_keyword_message(name: str) -> str:
+    if name in RENAMED_TRAINER_KEYWORDS:
+        return f"SynAPOTrainer has no argument `{name}`: write {RENAMED_TRAINER_KEYWORDS[name]} instead"
+    if name in {f.name for f in dataclasses.fields(SynAPOConfig)} or name == "ppo_epochs":
+        return f"`{name}` is a SynAPOConfig field: pass SynAPOConfig({name}=...) as `args` (or `config`)"
+    known = [*_GRPO_PARAMETERS, "critic_model", "config", "tokenizer"]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else f"its arguments are {known}"
+    return f"SynAPOTrainer has no argument `{name}`: {hint}"
+
+
+def _gather_names(accelerator, values: dict[str, float]) -> set[str]:
+    """The union of the metric names every process holds (they differ when a process had no row to learn from)."""
+    if accelerator.num_processes == 1:
+        return set(values)
+    from accelerate.utils import gather_object
+
+    return set().union(*gather_object([sorted(values)]))
