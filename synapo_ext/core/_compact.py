@@ -1,6 +1,6 @@
 """Interior zeros of `response_mask`: cut the masked tokens out, compute, put the results back.
 
-SPEC: every recursion runs over a row's valid tokens only, as if masked tokens (tool / observation
+docs/spec.md: every recursion runs over a row's valid tokens only, as if masked tokens (tool / observation
 tokens in multi-turn rollouts) were cut out. The algorithms in this package are written for
 right-padded rows (valid tokens first); `Compactor` moves each row's valid tokens to the left when
 the mask is not already right-padded and scatters results back, so every algorithm has one path.

@@ -2,7 +2,7 @@
 
 Imported only by `backend.py`, and only when numba is installed (`pip install synapo-ext[fast]`); the
 kernels are called through `SERIAL` or `PARALLEL`.
-Each kernel is the plain per-token loop of a formula in SPEC, run over the original layout: masked
+Each kernel is the plain per-token loop of a formula of docs/spec.md, run over the original layout: masked
 tokens carry the running quantities through unchanged (verl's carry rule), so interior zeros need
 no compaction. Accumulators are float64 whatever the array dtype.
 """

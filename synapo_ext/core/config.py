@@ -22,7 +22,7 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class SynAPOParams:
-    """SynAPO parameters with SPEC's defaults (the `synapo` preset).
+    """SynAPO parameters with the defaults of docs/spec.md (the `synapo` preset).
 
     Parameters that control GAE:
         gamma (`float`, *optional*, defaults to `1.0`): discount factor.

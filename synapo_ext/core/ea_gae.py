@@ -1,4 +1,4 @@
-"""EA-GAE: a GAE lambda that adapts to response length and policy entropy (SPEC "EA-GAE").
+"""EA-GAE: a GAE lambda that adapts to response length and policy entropy (docs/spec.md "EA-GAE").
 
     lambda[b, t] = clip(1 - 1 / (alpha * l_b * max(1 + beta * H[b, t], eps)), lambda_min, lambda_max)
 

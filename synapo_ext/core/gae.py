@@ -1,4 +1,4 @@
-"""Generalized Advantage Estimation with a per-token lambda (SPEC: "EA-GAE", "Conventions").
+"""Generalized Advantage Estimation with a per-token lambda (docs/spec.md "GAE").
 
     delta_t = r_t + gamma * V_{t+1} - V_t          (V_{t+1} = 0 after the last valid token)
     A_t     = delta_t + gamma * lambda_t * A_{t+1}

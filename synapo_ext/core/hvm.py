@@ -1,4 +1,4 @@
-"""HVM: hierarchical value modelling, a local (tactical) and a global (strategic) critic head (SPEC "HVM").
+"""HVM: hierarchical value modelling, a local (tactical) and a global (strategic) critic head (docs/spec.md "HVM").
 
 For segment k with first token s_k, last token e_k and n_k tokens (valid tokens only):
 

@@ -1,4 +1,4 @@
-"""SCVL: sub-path contrastive value learning (SPEC "SCVL").
+"""SCVL: sub-path contrastive value learning (docs/spec.md "SCVL").
 
 A correct (positive) and a wrong (negative) response to one prompt share every state up to the first
 token where they differ, d; the critic should rank the states right after it:
@@ -93,7 +93,7 @@ def scvl_group_stats(
 
 
 def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """A row's length is its last valid position + 1 (SPEC), int64 (B,)."""
+    """A row's length is its last valid position + 1 (docs/spec.md), int64 (B,)."""
     kernels = backend.kernels(mask)
     if kernels is not None:
         return backend.numba_row_lengths(kernels, mask)

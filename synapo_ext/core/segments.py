@@ -1,4 +1,4 @@
-"""HVM's segmenter: reasoning segments from token ids and a per-vocabulary boundary table (SPEC "HVM").
+"""HVM's segmenter: reasoning segments from token ids and a per-vocabulary boundary table (docs/spec.md "HVM").
 
 A valid token whose id is True in `boundary_table` closes the segment it belongs to (the delimiter is the
 segment's last token); the row's last valid token closes the last segment. Segment ids are a cumulative
