@@ -1,33 +1,57 @@
 """Which implementation runs: compiled numba kernels on CPU when installed, else the pure-torch path.
 
 Both are exact implementations of the same formulas and are tested against the same float64 reference.
-Choose with the environment variable `SYNAPO_EXT_BACKEND` (`auto`, `torch`, `numba`) or `use_backend(...)`:
-`auto` (default) takes numba for CPU tensors when it imports, torch otherwise (GPU tensors always use torch).
+Every operation (`OPERATIONS`) has one entry in a registry: its torch implementation (registered next to its
+public function) and optionally a numba one (registered below). `implementation(op, *tensors)` is the only place
+that chooses, so a new kernel (e.g. a GPU one) registers in one place.
+
+Choose with the environment variable `SYNAPO_EXT_BACKEND` (`auto`, `torch`, `numba`) or `use_backend(...)`, which
+is local to the calling thread / task (a context variable), not to the process: `auto` (default) takes numba for
+CPU tensors when it imports, torch otherwise (GPU tensors always use torch). numba's own settings are left as the
+user set them (e.g. `NUMBA_THREADING_LAYER=workqueue` keeps numba's pool from spinning beside torch's OpenMP).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType, SimpleNamespace
 
 import torch
 
-__all__ = ["BACKENDS", "current_backend", "numba_available", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "OPERATIONS",
+    "current_backend",
+    "implementation",
+    "numba_available",
+    "register",
+    "use_backend",
+]
 
 BACKENDS = ("auto", "torch", "numba")
-_override: str | None = None
+OPERATIONS = ("ea_gae_lambda", "gae", "whiten", "segment_ids", "hvm", "row_lengths", "divergence", "masked_stats")
+_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("synapo_ext_backend", default=None)
+_REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
 _kernels: ModuleType | None = None  # the compiled kernel module, imported on first use
 
+# Below this many tokens the serial kernels run: a thread pool would cost more than it saves, and its
+# spinning threads would compete with torch's for the cores in the middle of a training step.
+PARALLEL_MIN_ELEMENTS = 1 << 20
 
+
+@functools.lru_cache(maxsize=1)
 def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
 def current_backend() -> str:
-    name = _override or os.environ.get("SYNAPO_EXT_BACKEND", "auto")
+    """The backend chosen in this context: `use_backend`'s, else `SYNAPO_EXT_BACKEND`, else `auto`."""
+    name = _choice.get() or os.environ.get("SYNAPO_EXT_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"`SYNAPO_EXT_BACKEND` must be one of {BACKENDS}, got {name!r}")
     return name
@@ -35,46 +59,63 @@ def current_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the block with backend `name` (`auto`, `torch` or `numba`)."""
-    global _override
+    """Run the block with backend `name` (`auto`, `torch` or `numba`), in this thread / task only."""
     if name not in BACKENDS:
         raise ValueError(f"`name` must be one of {BACKENDS}, got {name!r}")
     if name == "numba" and not numba_available():
         raise ImportError("the numba backend needs numba: pip install 'synapo-ext[fast]'")
-    previous, _override = _override, name
+    token = _choice.set(name)
     try:
         yield
     finally:
-        _override = previous
+        _choice.reset(token)
 
 
-# Below this many tokens the serial kernels run: a thread pool would cost more than it saves, and its
-# spinning threads would compete with torch's for the cores in the middle of a training step.
-PARALLEL_MIN_ELEMENTS = 1 << 20
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` implements operation `op` on `backend` (`torch`, or `numba` taking the kernels first).
+
+    Raises:
+        ValueError: an unknown operation, or a different function already registered for (op, backend).
+    """
+    if op not in _REGISTRY:
+        raise ValueError(f"`op` must be one of {OPERATIONS}, got {op!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        known = _REGISTRY[op].get(backend)
+        if known is not None and known.__qualname__ != fn.__qualname__:
+            raise ValueError(f"{op!r} already has a {backend!r} implementation: {known.__qualname__}")
+        _REGISTRY[op][backend] = fn
+        return fn
+
+    return decorate
 
 
-def kernels(*tensors: torch.Tensor | None) -> SimpleNamespace | None:
-    """The numba kernels (serial or row-parallel by size) to run on these tensors, or None (use the torch path)."""
-    global _kernels
+def implementation(op: str, *tensors: torch.Tensor | None) -> Callable:
+    """The implementation of `op` to run on these tensors under the current backend choice.
+
+    Raises:
+        ValueError: the numba backend was chosen for tensors that are not on the CPU.
+    """
+    impls = _REGISTRY[op]
     name = current_backend()
     present = [t for t in tensors if t is not None]
-    if name == "torch" or any(t.device.type != "cpu" for t in present):
-        if name == "numba":
-            raise ValueError("the numba backend runs on CPU tensors only")
-        return None
-    if name == "auto" and not numba_available():
-        return None
-    if _kernels is None:
-        if "NUMBA_THREADING_LAYER" not in os.environ:
-            # numba's default OpenMP layer spins beside torch's own OpenMP runtime; a work queue does not
-            import numba
+    on_cpu = all(t.device.type == "cpu" for t in present)
+    if name == "numba" and not on_cpu:
+        raise ValueError("the numba backend runs on CPU tensors only")
+    if name == "torch" or not on_cpu or "numba" not in impls or (name == "auto" and not numba_available()):
+        return impls["torch"]
+    large = max((t.numel() for t in present), default=0) >= PARALLEL_MIN_ELEMENTS
+    kernels = _load_kernels()
+    return functools.partial(impls["numba"], kernels.PARALLEL if large else kernels.SERIAL)
 
-            numba.config.THREADING_LAYER = "workqueue"
+
+def _load_kernels() -> ModuleType:
+    global _kernels
+    if _kernels is None:
         from . import _numba_kernels
 
         _kernels = _numba_kernels
-    large = max((t.numel() for t in present), default=0) >= PARALLEL_MIN_ELEMENTS
-    return _kernels.PARALLEL if large else _kernels.SERIAL
+    return _kernels
 
 
 def as_numpy(x: torch.Tensor):
@@ -91,6 +132,7 @@ def _lam_array(lam: torch.Tensor | float, dtype: torch.dtype) -> tuple[torch.Ten
     return torch.full((1, 1), float(lam), dtype=dtype), False
 
 
+@register("gae", "numba")
 def numba_gae(
     k: SimpleNamespace, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam, gamma: float, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +152,9 @@ def numba_gae(
     return advantages, returns
 
 
-def numba_whiten_(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """In place: (x - mean) * rsqrt(var + 1e-8) over valid tokens (two passes: mean, then centred squares)."""
+@register("whiten", "numba")
+def numba_whiten(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + 1e-8) over valid tokens, float64 sums (two passes: mean, then centred squares)."""
     sums = torch.empty(x.shape[0], 2, dtype=torch.float64)
     counts = torch.empty(x.shape[0], dtype=torch.int64)
     k.masked_row_sums(as_numpy(x), as_numpy(mask), 0.0, as_numpy(sums), as_numpy(counts))
@@ -123,9 +166,10 @@ def numba_whiten_(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> to
     mean = float(sums[:, 0].sum()) / count
     k.masked_row_sums(as_numpy(x), as_numpy(mask), mean, as_numpy(sums), as_numpy(counts))
     var = float(sums[:, 1].sum()) / (count - 1)
-    return x.sub_(mean).mul_((var + 1e-8) ** -0.5)
+    return (x - mean).mul_((var + 1e-8) ** -0.5)
 
 
+@register("ea_gae_lambda", "numba")
 def numba_ea_gae_lambda(
     k: SimpleNamespace, mask, entropy, alpha, beta, eps, lambda_min, lambda_max, dtype
 ) -> torch.Tensor:
@@ -138,6 +182,7 @@ def numba_ea_gae_lambda(
     return out
 
 
+@register("segment_ids", "numba")
 def numba_segment_ids(k: SimpleNamespace, ids, mask, table, min_len, max_len, fallback_len) -> torch.Tensor:
     out = torch.empty(ids.shape, dtype=torch.long)
     k.segment_rows(
@@ -146,6 +191,7 @@ def numba_segment_ids(k: SimpleNamespace, ids, mask, table, min_len, max_len, fa
     return out
 
 
+@register("hvm", "numba")
 def numba_hvm(k: SimpleNamespace, r, v_loc, v_glob, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype):
     advantages, local_returns, global_returns = (torch.empty(r.shape, dtype=dtype) for _ in range(3))
     start_mask = torch.empty(r.shape, dtype=torch.bool)
@@ -169,6 +215,7 @@ def numba_hvm(k: SimpleNamespace, r, v_loc, v_glob, mask, seg_ids, lam, gamma, g
     return advantages, local_returns, global_returns, start_mask
 
 
+@register("row_lengths", "numba")
 def numba_row_lengths(k: SimpleNamespace, mask: torch.Tensor) -> torch.Tensor:
     """Last valid position + 1 of each row, int64 (B,)."""
     out = torch.empty(mask.shape[0], dtype=torch.long)
@@ -176,18 +223,27 @@ def numba_row_lengths(k: SimpleNamespace, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@register("divergence", "numba")
 def numba_divergence(k: SimpleNamespace, ids, pos, neg, shortest) -> torch.Tensor:
     out = torch.empty_like(pos)
     k.divergence(as_numpy(ids), as_numpy(pos), as_numpy(neg), as_numpy(shortest), as_numpy(out))
     return out
 
 
-def masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+@register("masked_stats", "torch")
+def torch_masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
     """(mean, min, max) of `x` over the valid tokens of a bool `mask` (at least one)."""
-    k = kernels(x)
-    if k is None:
-        valid = x[mask]
-        return float(valid.mean()), float(valid.min()), float(valid.max())
+    valid = x[mask]
+    return float(valid.double().mean()), float(valid.min()), float(valid.max())
+
+
+@register("masked_stats", "numba")
+def numba_masked_stats(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
     stats = torch.empty(x.shape[0], 4, dtype=torch.float64)
     k.masked_row_stats(as_numpy(x), as_numpy(mask), as_numpy(stats))
     return float(stats[:, 0].sum() / stats[:, 3].sum()), float(stats[:, 1].min()), float(stats[:, 2].max())
+
+
+def masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """(mean, min, max) of `x` over the valid tokens of a bool `mask` (at least one)."""
+    return implementation("masked_stats", x)(x, mask)

@@ -53,15 +53,26 @@ def ea_gae_lambda(
         check_same_shape(entropy, "entropy", mask.shape, "response_mask")
         check_finite(entropy, "entropy")
     dtype = float_dtype(entropy)
-    kernels = backend.kernels(mask, entropy)
-    if kernels is not None:
-        return backend.numba_ea_gae_lambda(
-            kernels, mask, entropy, alpha, beta, EA_GAE_EPS, lambda_min, lambda_max, dtype
-        )
+    ea_gae = backend.implementation("ea_gae_lambda", mask, entropy)
+    return ea_gae(mask, entropy, alpha, beta, EA_GAE_EPS, lambda_min, lambda_max, dtype)
+
+
+@backend.register("ea_gae_lambda", "torch")
+def _ea_gae_lambda_torch(
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None,
+    alpha: float,
+    beta: float,
+    eps: float,
+    lambda_min: float,
+    lambda_max: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`ea_gae_lambda` on validated inputs (bool `mask`) in `dtype`."""
     lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # l_b, (B, 1)
     scale = alpha * lengths
     if entropy is not None:
         # alpha * l * max(1 + beta * H, eps)
-        scale = scale * (1.0 + beta * entropy.to(dtype)).clamp_min(EA_GAE_EPS)
+        scale = scale * (1.0 + beta * entropy.to(dtype)).clamp_min(eps)
     lam = (1.0 - scale.reciprocal()).clamp(lambda_min, lambda_max)
     return lam.expand(mask.shape).contiguous()

@@ -35,6 +35,11 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: exactly one valid token in the batch (the variance is undefined).
     """
+    return backend.implementation("whiten", values)(values, mask)
+
+
+@backend.register("whiten", "torch")
+def _masked_whiten_torch(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     count = mask.sum()
     if int(count) == 0:
         return values
@@ -108,13 +113,23 @@ def compute_gae(
     lam = check_lambda(lam, "lam", rewards.shape, mask)
 
     dtype = float_dtype(rewards, values, lam if isinstance(lam, torch.Tensor) else None)
-    kernels = backend.kernels(rewards, values)
-    if kernels is not None:
-        advantages, returns = backend.numba_gae(kernels, rewards, values, mask, lam, gamma, dtype)
-        if whiten:
-            backend.numba_whiten_(kernels, advantages, mask)
-        return advantages, returns
+    gae = backend.implementation("gae", rewards, values)
+    advantages, returns = gae(rewards, values, mask, lam, gamma, dtype)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
 
+
+@backend.register("gae", "torch")
+def _gae_torch(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    lam: float | torch.Tensor,
+    gamma: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_gae` on validated inputs (bool `mask`) in `dtype`: compact the rows, one scan, expand."""
     layout = Compactor(mask)
     r = layout.compact(rewards.to(dtype))
     v = layout.compact(values.to(dtype))
@@ -128,7 +143,4 @@ def compute_gae(
     advantages = reverse_linear_scan(decay, deltas)
     returns = advantages + v
 
-    advantages, returns = layout.expand(advantages), layout.expand(returns)
-    if whiten:
-        advantages = masked_whiten(advantages, mask)
-    return advantages, returns
+    return layout.expand(advantages), layout.expand(returns)

@@ -108,15 +108,29 @@ def hvm_advantages(
         raise TypeError(f"`global_weight` must be a float, got {type(global_weight).__name__}")
 
     dtype = float_dtype(rewards, local_values, global_values, lam if isinstance(lam, torch.Tensor) else None)
-    kernels = backend.kernels(rewards, local_values, global_values)
-    if kernels is not None:
-        advantages, local_returns, global_returns, start_mask = backend.numba_hvm(
-            kernels, rewards, local_values, global_values, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype
-        )
-        if whiten:
-            backend.numba_whiten_(kernels, advantages, mask)
-        return HVMResult(advantages, local_returns, global_returns, start_mask)
+    hvm = backend.implementation("hvm", rewards, local_values, global_values)
+    advantages, local_returns, global_returns, start_mask = hvm(
+        rewards, local_values, global_values, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype
+    )
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return HVMResult(advantages, local_returns, global_returns, start_mask)
 
+
+@backend.register("hvm", "torch")
+def _hvm_torch(
+    rewards: torch.Tensor,
+    local_values: torch.Tensor,
+    global_values: torch.Tensor,
+    mask: torch.Tensor,
+    seg_ids: torch.Tensor,
+    lam: float | torch.Tensor,
+    gamma: float,
+    global_lam: float,
+    global_weight: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening."""
     layout = Compactor(mask)
     valid = layout.mask
     r = torch.where(valid, layout.compact(rewards.to(dtype)), 0.0)
@@ -149,12 +163,9 @@ def hvm_advantages(
     advantages = local_advantages + global_weight * global_advantages.gather(1, segment_start)
     global_returns = mc_returns.gather(1, segment_start)
 
-    advantages = layout.expand(advantages)
-    if whiten:
-        advantages = masked_whiten(advantages, mask)
-    return HVMResult(
-        advantages=advantages,
-        local_returns=layout.expand(local_returns),
-        global_returns=layout.expand(global_returns),
-        start_mask=layout.expand(is_start) & mask,
+    return (
+        layout.expand(advantages),
+        layout.expand(local_returns),
+        layout.expand(global_returns),
+        layout.expand(is_start) & mask,
     )

@@ -94,9 +94,11 @@ def scvl_group_stats(
 
 def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
     """A row's length is its last valid position + 1 (docs/spec.md), int64 (B,)."""
-    kernels = backend.kernels(mask)
-    if kernels is not None:
-        return backend.numba_row_lengths(kernels, mask)
+    return backend.implementation("row_lengths", mask)(mask)
+
+
+@backend.register("row_lengths", "torch")
+def _row_lengths_torch(mask: torch.Tensor) -> torch.Tensor:
     B, T = mask.shape
     if T == 0:
         return torch.zeros(B, dtype=torch.long, device=mask.device)
@@ -106,9 +108,11 @@ def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
 def _divergence(ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """d = first position where rows pos and neg differ or either has ended, int64 (P,); blocked over pairs."""
     shortest = torch.minimum(lengths[pos], lengths[neg])
-    kernels = backend.kernels(ids)
-    if kernels is not None:
-        return backend.numba_divergence(kernels, ids, pos, neg, shortest)
+    return backend.implementation("divergence", ids)(ids, pos, neg, shortest)
+
+
+@backend.register("divergence", "torch")
+def _divergence_torch(ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, shortest: torch.Tensor) -> torch.Tensor:
     width = int(shortest.max()) if shortest.numel() else 0
     out = torch.empty_like(pos)
     block = max(1, _BLOCK_ELEMENTS // max(width, 1))

@@ -106,10 +106,20 @@ def segment_ids(
             f"`response_ids` holds ids in [{low}, {high}] but `boundary_table` covers [0, {boundary_table.numel()})"
         )
 
-    kernels = backend.kernels(response_ids, mask)
-    if kernels is not None:
-        return backend.numba_segment_ids(kernels, response_ids, mask, boundary_table, min_len, max_len, fallback_len)
+    segment = backend.implementation("segment_ids", response_ids, mask)
+    return segment(response_ids, mask, boundary_table, min_len, max_len, fallback_len)
 
+
+@backend.register("segment_ids", "torch")
+def _segment_ids_torch(
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    boundary_table: torch.Tensor,
+    min_len: int,
+    max_len: int | None,
+    fallback_len: int | None,
+) -> torch.Tensor:
+    """`segment_ids` on validated inputs (int64 ids, bool `mask`)."""
     layout = Compactor(mask)
     valid = layout.mask
     ids = layout.compact(response_ids).clamp(0, boundary_table.numel() - 1)

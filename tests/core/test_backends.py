@@ -1,13 +1,18 @@
 """The numba kernels and the pure-torch path give the same results (both are also checked against the float64
 reference by the other tests: CI runs tests/core once per backend)."""
 
+import os
+import subprocess
+import sys
+import threading
+
 import pytest
 import torch
 
 from synapo_ext.core import compute_gae, ea_gae_lambda, hvm_advantages, scvl_pairs, segment_ids
 from synapo_ext.core.backend import current_backend, numba_available, use_backend
 
-pytestmark = pytest.mark.skipif(not numba_available(), reason="numba not installed (pip install synapo-ext[fast])")
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed (pip install synapo-ext[fast])")
 
 
 def _case(seed: int):
@@ -44,6 +49,7 @@ def _run(c):
     return lam, seg, gae, hvm, pairs
 
 
+@needs_numba
 @pytest.mark.parametrize("seed", range(60))
 def test_numba_matches_torch(seed):
     c = _case(seed)
@@ -70,3 +76,86 @@ def test_backend_switch():
     with pytest.raises(ValueError, match="name"):
         with use_backend("cuda"):
             pass
+
+
+# --- the choice of backend and the registry (these run without numba too) ---
+
+
+def test_backend_choice_is_local_to_each_thread(monkeypatch):
+    monkeypatch.delenv("SYNAPO_EXT_BACKEND", raising=False)
+    inside = threading.Barrier(2)
+    seen: dict[str, str] = {}
+
+    def worker():
+        seen["other thread, before"] = current_backend()
+        inside.wait(timeout=10)  # the main thread is inside its `use_backend("torch")` block now
+        seen["other thread, during"] = current_backend()
+        inside.wait(timeout=10)
+
+    with use_backend("torch"):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        inside.wait(timeout=10)
+        inside.wait(timeout=10)
+        thread.join(timeout=10)
+        assert current_backend() == "torch"
+    assert seen == {"other thread, before": "auto", "other thread, during": "auto"}
+    assert current_backend() == "auto"
+
+
+def test_every_operation_has_one_torch_implementation():
+    from synapo_ext.core import backend
+
+    for op in backend.OPERATIONS:
+        assert "torch" in backend._REGISTRY[op], op
+        assert "numba" in backend._REGISTRY[op], op
+
+
+def test_registering_a_second_implementation_is_refused():
+    from synapo_ext.core import backend
+
+    def gae_rows_elsewhere(*args):
+        return args
+
+    with pytest.raises(ValueError, match="'gae' already has a 'torch' implementation"):
+        backend.register("gae", "torch")(gae_rows_elsewhere)
+    with pytest.raises(ValueError, match="op"):
+        backend.register("scan", "torch")
+    assert backend._REGISTRY["gae"]["torch"].__name__ == "_gae_torch"
+
+
+def test_torch_backend_and_non_cpu_tensors_take_the_torch_implementation():
+    from synapo_ext.core import backend
+
+    meta = torch.empty(2, 3, device="meta")
+    assert backend.implementation("gae", meta) is backend._REGISTRY["gae"]["torch"]
+    with use_backend("torch"):
+        assert backend.implementation("gae", torch.zeros(2, 3)) is backend._REGISTRY["gae"]["torch"]
+
+
+@needs_numba
+def test_numba_backend_refuses_non_cpu_tensors():
+    from synapo_ext.core import backend
+
+    with use_backend("numba"), pytest.raises(ValueError, match="CPU"):
+        backend.implementation("gae", torch.empty(2, 3, device="meta"))
+
+
+@needs_numba
+def test_numba_settings_are_left_alone():
+    code = """
+import os, numba, torch
+os.environ.pop("NUMBA_THREADING_LAYER", None)
+before = numba.config.THREADING_LAYER
+from synapo_ext.core import compute_gae
+from synapo_ext.core.backend import PARALLEL_MIN_ELEMENTS, use_backend
+with use_backend("numba"):
+    for n in (8, PARALLEL_MIN_ELEMENTS):  # the serial and the parallel kernels
+        compute_gae(torch.zeros(1, n), torch.zeros(1, n), torch.ones(1, n), gamma=1.0, lam=0.9)
+assert numba.config.THREADING_LAYER == before, (before, numba.config.THREADING_LAYER)
+print("ok", before)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
