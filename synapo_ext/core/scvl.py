@@ -54,9 +54,17 @@ def group_codes(group_ids: torch.Tensor | Sequence, batch_size: int) -> torch.Te
             raise ValueError(
                 f"`group_ids` must be a 1-D integer tensor, got {group_ids.dtype} {tuple(group_ids.shape)}"
             )
-        keys = group_ids.tolist()
-    else:
-        keys = list(group_ids)
+        if group_ids.numel() != batch_size:
+            raise ValueError(f"`group_ids` has {group_ids.numel()} entries, expected one per response ({batch_size})")
+        ids = group_ids.cpu().long()
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        # code of a group = its rank by first appearance
+        first = torch.full((unique.numel(),), batch_size, dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(batch_size), reduce="amin")
+        rank = torch.empty_like(first)
+        rank[torch.argsort(first)] = torch.arange(unique.numel())
+        return rank[inverse]
+    keys = list(group_ids)
     if len(keys) != batch_size:
         raise ValueError(f"`group_ids` has {len(keys)} entries, expected one per response ({batch_size})")
     if any(key is None for key in keys):
@@ -124,6 +132,29 @@ def _divergence_torch(ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, s
     return out
 
 
+def _candidate_pairs(codes: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (i, j) with i positive and j negative in one group, LongTensors (P,), by group, then (i, j) ascending.
+
+    Per group g with n_pos[g] positives and n_neg[g] negatives (each listed by row), the pair of rank k is
+    (k // n_neg[g]-th positive, k % n_neg[g]-th negative): memory O(sum_g n_pos[g] * n_neg[g]), never O(B^2).
+    """
+    device = codes.device
+    n_groups = int(codes.max()) + 1 if codes.numel() else 0
+    pos_rows, neg_rows = positive.nonzero().squeeze(1), (~positive).nonzero().squeeze(1)
+    # rows grouped by code, ascending inside a group (a stable sort keeps nonzero()'s order)
+    pos_rows = pos_rows[torch.sort(codes[pos_rows], stable=True).indices]
+    neg_rows = neg_rows[torch.sort(codes[neg_rows], stable=True).indices]
+    n_pos = torch.bincount(codes[pos_rows], minlength=n_groups)
+    n_neg = torch.bincount(codes[neg_rows], minlength=n_groups)
+    n_pairs = n_pos * n_neg  # (G,)
+    group = torch.repeat_interleave(torch.arange(n_groups, device=device), n_pairs)  # (P,) group of each pair
+    rank = torch.arange(group.numel(), device=device) - (torch.cumsum(n_pairs, 0) - n_pairs)[group]
+    width = n_neg[group]
+    pos = pos_rows[(torch.cumsum(n_pos, 0) - n_pos)[group] + torch.div(rank, width, rounding_mode="floor")]
+    neg = neg_rows[(torch.cumsum(n_neg, 0) - n_neg)[group] + rank % width]
+    return pos, neg
+
+
 def scvl_pairs(
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
@@ -164,9 +195,7 @@ def scvl_pairs(
     codes = group_codes(group_ids, B).to(device)
 
     positive = scores.to(device) >= threshold
-    # candidates (i, j): same group, i positive, j negative; nonzero() lists them by (i, j) ascending
-    candidate = (codes[:, None] == codes[None, :]) & positive[:, None] & ~positive[None, :]
-    pos, neg = candidate.nonzero(as_tuple=True)
+    pos, neg = _candidate_pairs(codes, positive)
     lengths = _row_lengths(mask)
     d = _divergence(response_ids, lengths, pos, neg)
     keep = (d + 1 < lengths[pos]) & (d + 1 < lengths[neg])
