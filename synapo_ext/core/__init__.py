@@ -10,7 +10,16 @@ from .hvm import HVMResult, hvm_advantages
 from .losses import hvm_critic_loss, positive_lm_loss, positive_lm_weights, value_loss
 from .metrics import METRICS, MetricNames, explained_variance
 from .scan import reverse_linear_scan
-from .scvl import SCVLPairs, scvl_group_stats, scvl_loss, scvl_pair_values, scvl_pairs, scvl_split_loss
+from .scvl import (
+    SCVLPairs,
+    SCVLSides,
+    scvl_group_stats,
+    scvl_loss,
+    scvl_pair_values,
+    scvl_pairs,
+    scvl_sides,
+    scvl_split_loss,
+)
 from .segments import boundary_table_from_tokenizer, segment_ids
 from .stage import SynAPOAdvantages, actor_lambda, compute_synapo_advantages
 
@@ -21,6 +30,7 @@ __all__ = [
     "HVMResult",
     "MetricNames",
     "SCVLPairs",
+    "SCVLSides",
     "SynAPOAdvantages",
     "SynAPOParams",
     "actor_lambda",
@@ -40,6 +50,7 @@ __all__ = [
     "scvl_loss",
     "scvl_pair_values",
     "scvl_pairs",
+    "scvl_sides",
     "scvl_split_loss",
     "segment_ids",
     "value_loss",

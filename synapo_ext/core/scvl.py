@@ -22,11 +22,13 @@ from ._checks import check_finite, check_ids, check_mask, check_same_shape, chec
 
 __all__ = [
     "SCVLPairs",
+    "SCVLSides",
     "group_codes",
     "scvl_group_stats",
     "scvl_loss",
     "scvl_pair_values",
     "scvl_pairs",
+    "scvl_sides",
     "scvl_split_loss",
 ]
 
@@ -40,6 +42,44 @@ class SCVLPairs(NamedTuple):
     pos_index: torch.Tensor
     neg_index: torch.Tensor
     diverge_index: torch.Tensor
+
+
+class SCVLSides(NamedTuple):
+    """Both sides of every pair for the split form, (S,) = (2P,): the P positive sides, then the P negative ones.
+
+    rows: LongTensor, the row holding the side; diverge_index: LongTensor, d of its pair; partner_values: float,
+    the partner's rollout-time V[partner, d + 1]; is_positive: bool. Hosts carry these with the rows and pass
+    the ones a micro-batch holds to `scvl_split_loss`.
+    """
+
+    rows: torch.Tensor
+    diverge_index: torch.Tensor
+    partner_values: torch.Tensor
+    is_positive: torch.Tensor
+
+
+def scvl_sides(pairs: SCVLPairs, pos_values: torch.Tensor, neg_values: torch.Tensor) -> SCVLSides:
+    """The split form's sides of `pairs`: positive side i sees V_j_old[d+1], negative side j sees V_i_old[d+1].
+
+    Args:
+        pairs: from `scvl_pairs` (P pairs).
+        pos_values, neg_values: float (P,), rollout-time V[i, d+1] and V[j, d+1] (`scvl_pair_values`).
+
+    Returns:
+        SCVLSides, each (2P,).
+    """
+    P = pairs.pos_index.numel()
+    if pos_values.shape != (P,) or neg_values.shape != (P,):
+        raise ValueError(
+            f"`pos_values` and `neg_values` must have shape ({P},), got {tuple(pos_values.shape)} and "
+            f"{tuple(neg_values.shape)}"
+        )
+    return SCVLSides(
+        rows=torch.cat([pairs.pos_index, pairs.neg_index]),
+        diverge_index=torch.cat([pairs.diverge_index, pairs.diverge_index]),
+        partner_values=torch.cat([neg_values, pos_values]),
+        is_positive=torch.arange(2 * P, device=pairs.pos_index.device) < P,
+    )
 
 
 def group_codes(group_ids: torch.Tensor | Sequence, batch_size: int) -> torch.Tensor:

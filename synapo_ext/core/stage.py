@@ -21,7 +21,7 @@ from .gae import compute_gae
 from .hvm import hvm_advantages
 from .losses import positive_lm_weights
 from .metrics import METRICS
-from .scvl import SCVLPairs, scvl_group_stats, scvl_pair_values, scvl_pairs
+from .scvl import SCVLPairs, SCVLSides, scvl_group_stats, scvl_pair_values, scvl_pairs, scvl_sides
 from .segments import segment_ids
 
 __all__ = ["SynAPOAdvantages", "actor_lambda", "compute_synapo_advantages"]
@@ -41,6 +41,8 @@ class SynAPOAdvantages:
     valid_rows: bool (B,), rows with at least one valid token (the others were skipped: zeros, no SCVL pair).
     positive_lm_weights: float (B,), the positive-example LM loss's row weights (`scores` given only; 0 on skipped
         rows), see `positive_lm_weights`.
+    scvl_sides: both sides of every SCVL pair (2P,) with the partner's rollout-time value: what a host carries with
+        the rows and passes to `scvl_split_loss` (SCVL on only).
     """
 
     advantages: torch.Tensor
@@ -55,6 +57,7 @@ class SynAPOAdvantages:
     metrics: dict[str, float] = field(default_factory=dict)
     valid_rows: torch.Tensor | None = None
     positive_lm_weights: torch.Tensor | None = None
+    scvl_sides: SCVLSides | None = None
 
 
 def actor_lambda(
@@ -106,6 +109,9 @@ def _scatter_rows(out: SynAPOAdvantages, rows: torch.Tensor, batch_size: int) ->
     if pairs is not None:
         index = rows.to(pairs.pos_index.device)
         pairs = SCVLPairs(index[pairs.pos_index], index[pairs.neg_index], pairs.diverge_index)
+    sides = out.scvl_sides
+    if sides is not None:
+        sides = sides._replace(rows=rows.to(sides.rows.device)[sides.rows])
     lam = full(out.lam) if isinstance(out.lam, torch.Tensor) else out.lam
     return dataclasses.replace(
         out,
@@ -116,6 +122,7 @@ def _scatter_rows(out: SynAPOAdvantages, rows: torch.Tensor, batch_size: int) ->
         start_mask=full(out.start_mask),
         seg_ids=full(out.seg_ids),
         scvl=pairs,
+        scvl_sides=sides,
         positive_lm_weights=full(out.positive_lm_weights),
     )
 
@@ -259,6 +266,7 @@ def _stage(
         )
         out.scvl = pairs
         out.scvl_pos_values, out.scvl_neg_values = scvl_pair_values(values, pairs)
+        out.scvl_sides = scvl_sides(pairs, out.scvl_pos_values, out.scvl_neg_values)
         stats = scvl_group_stats(scores, group_ids, threshold=params.scvl_threshold)
         metrics[METRICS.scvl_pairs] = float(pairs.pos_index.numel())
         metrics[METRICS.scvl_groups_mixed] = float(stats["groups_mixed"])

@@ -121,6 +121,8 @@ def test_stage_skips_and_counts_rows_with_no_token(backend, preset, mask_dtype, 
         assert torch.equal(out.scvl.neg_index, keep[expected.scvl.neg_index])
         assert torch.equal(out.scvl.diverge_index, expected.scvl.diverge_index)
         assert torch.equal(out.scvl_pos_values, expected.scvl_pos_values)
+        assert torch.equal(out.scvl_sides.rows, keep[expected.scvl_sides.rows])
+        assert torch.equal(out.scvl_sides.partner_values, expected.scvl_sides.partner_values)
         assert out.scvl.pos_index.numel() > 0  # the case has pairs, so the index map is exercised
     if isinstance(out.lam, float):
         assert out.lam == expected.lam

@@ -112,3 +112,24 @@ def test_metric_names_are_unique_and_the_stage_uses_them(gen):
     assert set(out.metrics) <= set(names)
     with pytest.raises(dataclasses.FrozenInstanceError):
         METRICS.vf_loss = "x"
+
+
+def test_stage_sides_give_the_joint_hinge_gradient(gen):
+    from synapo_ext.core import scvl_loss, scvl_split_loss
+
+    x = _batch(gen)
+    x["response_mask"][5] = False  # a skipped row: the sides' rows are batch rows
+    out = compute_synapo_advantages(params_from_preset("synapo"), **x)
+    pairs, sides = out.scvl, out.scvl_sides
+    P = pairs.pos_index.numel()
+    assert P > 0 and sides.rows.numel() == 2 * P and int(sides.is_positive.sum()) == P
+    joint_values = x["values"].clone().requires_grad_(True)
+    joint = scvl_loss(joint_values, *pairs, margin=0.5)
+    joint.backward()
+    split_values = x["values"].clone().requires_grad_(True)
+    split = scvl_split_loss(split_values, *sides, margin=0.5, num_pairs=P)
+    split.backward()
+    # at the rollout-time values each side holds the whole hinge: the sum is twice the joint mean, the gradient equal
+    torch.testing.assert_close(split, 2 * joint)
+    torch.testing.assert_close(split_values.grad, joint_values.grad)
+    assert joint_values.grad.abs().sum() > 0
