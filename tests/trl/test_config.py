@@ -83,8 +83,27 @@ def test_command_line(capsys):
         ({"critic_learning_rate": 0.0}, "critic_learning_rate"),
         ({"ea_gae_alpha": 0.0}, "ea_gae_alpha"),
         ({"preset": "synapo", "critic_lambda": 0.9}, "critic_lambda"),
+        # the critic's settings, refused at construction (not after the first rollout)
+        ({"critic_lr_scheduler_type": "bogus"}, "critic_lr_scheduler_type"),
+        ({"critic_lr_scheduler_type": "reduce_lr_on_plateau"}, "critic_lr_scheduler_type"),  # needs a metric
+        ({"critic_max_grad_norm": -1.0}, "critic_max_grad_norm"),
+        ({"critic_max_grad_norm": float("nan")}, "critic_max_grad_norm"),
+        ({"critic_learning_rate": float("inf")}, "critic_learning_rate"),
+        ({"critic_learning_rate": float("nan")}, "critic_learning_rate"),
+        ({"critic_weight_decay": -0.1}, "critic_weight_decay"),
+        ({"cliprange_value": float("inf")}, "cliprange_value"),
+        ({"cliprange_value": 0.0}, "cliprange_value"),
+        ({"critic_mini_batch_size": 0}, "critic_mini_batch_size"),
+        ({"value_warmup_target_ev": 2.0}, "value_warmup_target_ev"),
+        ({"value_warmup_patience": 0}, "value_warmup_patience"),
     ],
 )
 def test_bad_values_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         _config(**kwargs)
+
+
+def test_critic_settings_that_are_legal():
+    args = _config(critic_max_grad_norm=None, cliprange_value=None, critic_lr_scheduler_type="cosine")
+    assert args.critic_max_grad_norm is None and args.critic_lr_scheduler_type == "cosine"
+    assert _config(critic_max_grad_norm=0.0).critic_max_grad_norm == 0.0  # 0: clipping off

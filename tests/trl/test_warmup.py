@@ -1,0 +1,53 @@
+"""The value warm-up in the trainer: its stopping rule, its own progress lines and log entries."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+pytest.importorskip("trl")
+
+from .tiny import make_dataset  # noqa: E402
+
+pytestmark = pytest.mark.trl
+
+
+def _inputs(trainer, n_prompts=2):
+    rows = make_dataset(n_prompts, seed=1).to_list()
+    return [dict(row) for row in rows for _ in range(trainer.num_generations)]
+
+
+def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, caplog):
+    trainer = make_trainer("vapo", value_warmup_steps=2)
+    trainer.model.train()
+    with caplog.at_level(logging.WARNING, logger="synapo_ext.trl.trainer"):
+        trainer._generate_and_score_completions(_inputs(trainer))
+    # the step's own rollout only: one value each (the warm-up's two batches went to their own log entries)
+    assert len(trainer._metrics["train"]["critic/vf_loss"]) == 1
+    assert len(trainer._metrics["train"]["reward"]) == 1
+    warmup = [entry for entry in trainer.state.log_history if "warmup/step" in entry]
+    assert [entry["warmup/step"] for entry in warmup] == [1.0, 2.0]
+    for entry in warmup:
+        assert {"warmup/critic/vf_loss", "warmup/critic/explained_variance", "warmup/reward"} <= set(entry)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    progress = [line for line in lines if line.startswith("SynAPO value warm-up ") and "explained variance" in line]
+    assert [line.split()[3] for line in progress] == ["1/2", "2/2"], lines
+    assert any("done after 2 rollout batches (reached value_warmup_steps)" in line for line in lines), lines
+    assert trainer._warmup_stop_reason == "cap"
+
+
+@pytest.mark.parametrize(
+    ("rule", "done", "reason"),
+    [
+        ({"value_warmup_target_ev": -1e9, "value_warmup_window": 1}, 1, "target_ev"),  # any critic meets it
+        ({"value_warmup_patience": 1, "value_warmup_window": 1, "value_warmup_min_delta": 1.0}, 2, "plateau"),
+    ],
+)
+def test_stopping_rule_ends_the_warmup_before_the_cap(make_trainer, rule, done, reason):
+    trainer = make_trainer("vapo", value_warmup_steps=6, max_steps=1, **rule)
+    trainer.train()
+    assert (trainer._warmup_done, trainer._warmup_stop_reason) == (done, reason)
+    assert trainer._critic_updates == done + 1
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 1 and not any(key.startswith("warmup/") for key in steps[0])
