@@ -133,3 +133,128 @@ def test_args_must_be_a_synapo_config(tokenizer):
             train_dataset=make_dataset(),
             processing_class=tokenizer,
         )
+
+
+class _Killed(BaseException):
+    """Stands in for a kill -9 during a save: nothing after it runs (not caught by `except Exception`)."""
+
+
+def _kill_at(monkeypatch, trainer, owner, name, *, step, when=None):
+    """Make `owner.name` raise `_Killed` once the trainer is saving the checkpoint of `step` (and `when(args)`)."""
+    real = getattr(owner, name)
+
+    def killer(*args, **kwargs):
+        if trainer.state.global_step == step and (when is None or when(args)):
+            raise _Killed(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, killer)
+
+
+def _in_critic_part(args):
+    return any("critic" in str(a) for a in args[:2])
+
+
+# (where the kill lands, what to patch, which calls) -> a kill before the critic part is complete must be refused
+SAVE_STAGES = {
+    "trl_model_written": ("transformers.Trainer", "_save_optimizer_and_scheduler", None),
+    "trl_state": ("transformers.TrainerState", "save_to_json", None),
+    "critic_not_started": ("synapo_ext.trl.trainer", "save_critic_state", None),
+    "critic_weights_written": ("torch", "save", _in_critic_part),
+    "critic_before_manifest": ("synapo_ext.trl.critic", "_write_json", lambda a: "manifest" in str(a[0])),
+    "critic_before_rename": ("os", "replace", _in_critic_part),
+}
+
+
+def _resolve(path):
+    import importlib
+
+    module, _, attr = path.rpartition(".")
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        return getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize("stage", sorted(SAVE_STAGES))
+def test_kill_while_saving_leaves_a_checkpoint_that_resume_refuses(make_trainer, tmp_path, monkeypatch, stage):
+    from synapo_ext.trl.critic import IncompleteCheckpointError, check_critic_state
+
+    settings = {"save_strategy": "steps", "save_steps": 1, "save_total_limit": 1, "max_steps": 2,
+                "value_warmup_steps": 1}  # fmt: skip
+    trainer = make_trainer("synapo", **settings)
+    owner, name, when = SAVE_STAGES[stage]
+    _kill_at(monkeypatch, trainer, _resolve(owner), name, step=2, when=when)
+    with pytest.raises(_Killed):
+        trainer.train()
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    check_critic_state(str(out / "checkpoint-1"))  # the previous checkpoint survived (rotation waits) and is whole
+    resumed = make_trainer("synapo", **settings)
+    with pytest.raises(IncompleteCheckpointError, match=r"cannot resume from .*checkpoint-2.*checkpoint-1"):
+        resumed.train(resume_from_checkpoint=True)
+
+
+def test_kill_after_the_critic_part_resumes_exactly(make_trainer, tmp_path, monkeypatch):
+    from synapo_ext.trl import trainer as trainer_module
+
+    settings = {"save_strategy": "steps", "save_steps": 1, "save_total_limit": 1, "max_steps": 2,
+                "value_warmup_steps": 1}  # fmt: skip
+    trainer = make_trainer("synapo", **settings)
+    _kill_at(monkeypatch, trainer, trainer_module, "rotate_checkpoints", step=2)  # last stage: old ones not deleted
+    with pytest.raises(_Killed):
+        trainer.train()
+    monkeypatch.undo()
+    weights, optimizer, scheduler = _state(trainer)
+    resumed = make_trainer("synapo", **settings)
+    loaded = {}
+    real_load = resumed._load_optimizer_and_scheduler
+
+    def load_and_snapshot(path):
+        real_load(path)
+        loaded["path"], loaded["state"] = path, _state(resumed)
+        loaded["counters"] = (resumed._warmup_done, resumed._warmup_finished, resumed._critic_updates)
+
+    resumed._load_optimizer_and_scheduler = load_and_snapshot
+    resumed.train(resume_from_checkpoint=True)
+    assert loaded["path"].endswith("checkpoint-2")
+    got_weights, got_optimizer, got_scheduler = loaded["state"]
+    for key, value in got_weights.items():
+        assert torch.equal(value, weights[key]), key
+    _assert_same_optimizer(got_optimizer, optimizer)
+    assert got_scheduler == scheduler
+    assert loaded["counters"] == (1, True, trainer._critic_updates)
+
+
+def _checkpoint(make_trainer, tmp_path):
+    trainer = make_trainer("vapo", save_strategy="steps", save_steps=1, max_steps=1)
+    trainer.train()
+    return trainer, tmp_path / "out" / "checkpoint-1"
+
+
+def test_a_partial_or_mismatched_critic_part_is_refused(make_trainer, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from synapo_ext.trl.critic import IncompleteCheckpointError, load_critic_state
+
+    trainer, checkpoint = _checkpoint(make_trainer, tmp_path)
+    critic_dir = checkpoint / "critic"
+    manifest = json.loads((critic_dir / "critic_manifest.json").read_text())
+    weights = load_file(critic_dir / "model.safetensors")
+    # weights without one key, the manifest updated to match: complete, but not this critic's -> strict load refuses
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, critic_dir / "model.safetensors")
+    manifest["files"]["model.safetensors"] = (critic_dir / "model.safetensors").stat().st_size
+    (critic_dir / "critic_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"missing keys.*{dropped}"):
+        load_critic_state(str(checkpoint), trainer.critic)
+    # a file cut short -> incomplete
+    optimizer_file = critic_dir / "critic_optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    with pytest.raises(IncompleteCheckpointError, match="critic_optimizer.pt"):
+        load_critic_state(str(checkpoint), trainer.critic)
+    (critic_dir / "critic_manifest.json").unlink()
+    with pytest.raises(IncompleteCheckpointError, match="critic_manifest.json"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
