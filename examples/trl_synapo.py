@@ -10,12 +10,18 @@ The script prints the mean reward every `--print_every` steps, the greedy accura
 training, and the mean reward of the first and last 10 steps. This is an example, not a benchmark: it compares
 nothing, and one run's curve is noisy (it can dip for 100 steps before rising again).
 
-    python examples/trl_synapo.py --help                       # every GRPOConfig and SynAPO option
+    python examples/trl_synapo.py --help                       # every option, with this script's defaults
     python examples/trl_synapo.py                              # preset synapo, 800 steps (about a minute)
     python examples/trl_synapo.py --preset vapo --ea_gae_beta -0.05 --output_dir out/vapo
+    python examples/trl_synapo.py --use_cpu false --bf16 true  # on a GPU (this script defaults to the CPU)
 
 The same script trains a real model: replace `tiny_policy()` by `AutoModelForCausalLM.from_pretrained(...)`, and go
 back to the library's defaults for the learning rates, `ea_gae_alpha` and `value_warmup_steps` (see `DEFAULTS`).
+
+`explained_variance` is the critic's held-out explained variance, 1 - Var(return - value) / Var(return), on each
+fresh batch before the critic trains on it. It can be far below 0 (e.g. -177) when the returns are nearly constant
+(almost every reward 0 early on, or 1 late): their variance is then tiny and any error of the critic dwarfs it. Read
+`vf_loss` then; the number says the batch has little to explain, not that the critic is broken.
 """
 
 from __future__ import annotations
@@ -34,22 +40,22 @@ from trl import TrlParser
 
 from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
 
-# This script's defaults for the trainer (any of them can be overridden on the command line). Tuned for a tiny model
-# trained from scratch on a toy task, not for a real one:
+# This script's defaults for the trainer: `--help` shows them, and any can be overridden on the command line. Tuned
+# for a tiny model trained from scratch on a toy task on CPU, not for a real one:
+# - use_cpu, bf16 off, activation checkpointing off: CPU settings (on a GPU: --use_cpu false --bf16 true);
 # - learning rates of 1e-3 (policy and critic): a 100k-parameter model from scratch, not a pretrained LLM (1e-6..1e-5);
 # - ea_gae_alpha 0.5: completions here are ~8 tokens, and lambda = 1 - 1 / (alpha * length) is clipped to 0 for
 #   alpha * length <= 1: with the library's 0.05 (made for thousands of tokens) lambda would be 0 and the first token
 #   (the answer) would get only the critic's one-step difference V(s1) - V(s0). With 0.5 it is about 0.75;
-# - value_warmup_steps 5 (the preset's 50 is for a pretrained model's long responses);
-# - bf16 and activation checkpointing off, a constant learning rate: CPU settings.
-DEFAULTS = [
-    "--output_dir", "out/trl_synapo", "--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false",
-    "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1",
-    "--max_steps", "800", "--num_generations", "8", "--per_device_train_batch_size", "32",
-    "--max_completion_length", "8", "--temperature", "1.0",
-    "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--critic_learning_rate", "1e-3",
-    "--ea_gae_alpha", "0.5", "--value_warmup_steps", "5",
-]  # fmt: skip
+# - value_warmup_steps 5 (the preset's 50 is for a pretrained model's long responses).
+DEFAULTS = {
+    "output_dir": "out/trl_synapo", "use_cpu": True, "bf16": False, "activation_checkpointing": False,
+    "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "logging_steps": 1,
+    "max_steps": 800, "num_generations": 8, "per_device_train_batch_size": 32,
+    "max_completion_length": 8, "temperature": 1.0,
+    "learning_rate": 1e-3, "lr_scheduler_type": "constant", "critic_learning_rate": 1e-3,
+    "ea_gae_alpha": 0.5, "value_warmup_steps": 5,
+}  # fmt: skip
 
 
 @dataclass
@@ -126,7 +132,7 @@ class PrintProgress(TrainerCallback):
     KEYS = ("critic/vf_loss", "critic/explained_variance", "ea_gae/lambda_mean", "synapo/hvm/segments_mean", "entropy")
 
     def __init__(self, every: int):
-        self.every, self.rewards, self.pending = max(every, 1), [], []
+        self.every, self.rewards, self.pending, self.explained = max(every, 1), [], [], False
         self.start = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -140,11 +146,22 @@ class PrintProgress(TrainerCallback):
             elapsed = time.perf_counter() - self.start
             print(f"step {state.global_step:4d}  {elapsed:6.1f}s  reward={mean:.3f}  {shown}", flush=True)
             self.pending = []
+            if logs.get("critic/explained_variance", 0.0) < -1 and not self.explained:
+                self.explained = True
+                print(
+                    "      explained_variance < -1: the returns of this batch are nearly constant (almost all rewards "
+                    "equal), so their variance is tiny and any critic error dwarfs it; read vf_loss instead"
+                )
 
 
 def main() -> None:
-    parser = TrlParser((Args, SynAPOConfig))
-    script_args, args = parser.parse_args_and_config(DEFAULTS + sys.argv[1:])
+    parser = TrlParser(
+        (Args, SynAPOConfig),
+        description="SynAPO on a tiny Qwen2 (CPU, from scratch). Defaults shown are this script's; on a GPU pass "
+        "--use_cpu false --bf16 true.",
+    )
+    parser.set_defaults(**DEFAULTS)
+    script_args, args = parser.parse_args_and_config()
     if script_args.num_threads > 0:
         torch.set_num_threads(script_args.num_threads)
     import transformers
@@ -155,6 +172,8 @@ def main() -> None:
     print(f"preset {args.preset}: {args.synapo_params()}")
     print(f"lr {args.learning_rate}, critic lr {args.critic_learning_rate}, {args.max_steps} steps of "
           f"{args.per_device_train_batch_size} completions ({args.num_generations} per prompt)")  # fmt: skip
+    if args.use_cpu and torch.cuda.is_available():
+        print("note: training on the CPU (this script's default); pass --use_cpu false to use the GPU")
     if args.logging_steps != 1:
         print("note: --logging_steps is not 1, so each printed reward averages logged steps only")
     tokenizer = tiny_tokenizer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,14 @@ def test_help_lists_synapo_options():
     assert out.returncode == 0, out.stderr[-3000:]
     for option in ("--preset", "--ea_gae_alpha", "--critic_learning_rate", "--value_warmup_steps", "--print_every"):
         assert option in out.stdout
+    # the defaults shown are the script's (not SynAPOConfig's), and a GPU user is told how to leave the CPU
+    text = " ".join(out.stdout.split())
+    for option, default in [("learning_rate", "0.001"), ("critic_learning_rate", "0.001"), ("ea_gae_alpha", "0.5"),
+                            ("value_warmup_steps", "5"), ("use_cpu", "True"), ("max_steps", "800")]:  # fmt: skip
+        flag = option.replace("_", "-")
+        shown = re.search(rf"--{flag} \S+ (?:(?!--\w).)*?\(default: ([^)]*)\)", text)
+        assert shown is not None and shown.group(1) == default, (option, shown and shown.group(1))
+    assert "--use_cpu false" in text
 
 
 def test_example_runs_a_few_steps(tmp_path):
