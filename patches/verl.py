@@ -99,7 +99,9 @@ def _register_estimator(core_algos: ModuleType) -> None:
 
 
 def _register_engine(engine_pkg: ModuleType) -> None:
-    from synapo_ext.verl.critic import SynAPOValueEngine
+    from synapo_ext.verl.engine import value_engine_class
+
+    SynAPOValueEngine = value_engine_class()  # noqa: N806
 
     registry = engine_pkg.EngineRegistry._engines.setdefault("value_model", {})
     for backend in ("fsdp", "fsdp2"):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["LM_WEIGHT", "wrap_ppo_loss"]
+from .fields import LM_WEIGHT, dense_rows
 
-LM_WEIGHT = "synapo_lm_weight"
+__all__ = ["LM_WEIGHT", "wrap_ppo_loss"]
 
 
 def wrap_ppo_loss(original: Any) -> Any:
@@ -30,9 +30,11 @@ def wrap_ppo_loss(original: Any) -> Any:
         from verl.utils.metric import AggregationType, Metric
         from verl.workers.utils.padding import no_padding_2_padding
 
+        from synapo_ext.core import METRICS
+
         log_prob = no_padding_2_padding(model_output["log_probs"], data)
         mask = data.select("response_mask").to_padded_tensor()["response_mask"].to(log_prob.device).bool()
-        weight = data[LM_WEIGHT].to(log_prob).unsqueeze(-1)
+        weight = dense_rows(data[LM_WEIGHT]).reshape(-1, 1).to(log_prob)
         lm_loss = agg_loss(
             loss_mat=-log_prob * weight,
             loss_mask=mask,
@@ -40,7 +42,7 @@ def wrap_ppo_loss(original: Any) -> Any:
             dp_size=data["dp_size"],
             batch_num_tokens=data["batch_num_tokens"],
         )
-        metrics["actor/synapo/positive_lm_loss"] = Metric(value=lm_loss, aggregation=AggregationType.SUM)
+        metrics[METRICS.positive_lm_loss] = Metric(value=lm_loss, aggregation=AggregationType.SUM)
         return loss + lm_loss, metrics
 
     ppo_loss.__synapo_wraps__ = original

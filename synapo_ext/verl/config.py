@@ -11,6 +11,7 @@ user changed to a value other than the preset's is an error that names both keys
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from typing import Any
@@ -44,6 +45,11 @@ VERL_KEYS: dict[str, tuple[str, Any]] = {
     "clip_ratio_low": ("actor_rollout_ref.actor.clip_ratio_low", 0.2),
     "clip_ratio_high": ("actor_rollout_ref.actor.clip_ratio_high", 0.2),
     "value_warmup_steps": ("trainer.critic_warmup", 0),
+}
+TO_VERL: dict[str, Any] = {
+    # verl updates the actor once `trainer.critic_warmup <= global_steps`, and steps count from 1: N critic-only
+    # steps are critic_warmup = N + 1
+    "value_warmup_steps": lambda steps: steps + 1,
 }
 TOKEN_MEAN = ("actor_rollout_ref.actor.loss_agg_mode", "token-mean")  # VAPO's token-level loss, for every preset
 
@@ -94,8 +100,12 @@ def params_to_json(params: SynAPOParams) -> str:
 def params_from_hf_config(hf_config: Any) -> SynAPOParams | None:
     """The parameters a critic worker received through its `hf_config` (None: not a SynAPO critic)."""
     text = getattr(hf_config, HF_CONFIG_KEY, None)
-    if not text:
-        return None
+    return _params_from_json(text) if text else None
+
+
+@functools.lru_cache(maxsize=8)
+def _params_from_json(text: str) -> SynAPOParams:
+    """Parsed once per process (the engine and the loss ask on every micro-batch)."""
     return SynAPOParams(**json.loads(text))
 
 
@@ -149,7 +159,8 @@ def prepare_config(config: DictConfig) -> SynAPOParams | None:
             "compute; turn bypass mode off or set `+algorithm.synapo.ea_gae_enabled=False`"
         )
     for name, (key, _default) in VERL_KEYS.items():
-        _write(config, key, getattr(params, name), f"algorithm.synapo.{name}")
+        value = getattr(params, name)
+        _write(config, key, TO_VERL[name](value) if name in TO_VERL else value, f"algorithm.synapo.{name}")
     _write(config, TOKEN_MEAN[0], TOKEN_MEAN[1], "algorithm.synapo.preset")
     with open_dict(config):
         config.critic.enable = True

@@ -1,113 +1,95 @@
-"""SynAPO's critic on verl's engine path: a two-output value engine and the critic loss.
+"""SynAPO's critic loss on verl's engine path (the engine with HVM's second output is `synapo_ext.verl.engine`).
 
 critic loss = verl's clipped value loss on the local head            (`verl.workers.utils.losses.value_loss`)
             + the same clipped loss on the global head at segment starts   (HVM; verl's `compute_value_loss`)
             + scvl_weight * SCVL's split hinge                        (`synapo_ext.core.scvl_split_loss`)
 
 Every term is normalised over the whole mini-batch, as verl does for the local head, so the critic's gradient does
-not depend on how verl splits the mini-batch into micro-batches: `SynAPOValueEngine.forward_backward_batch` counts
-the mini-batch's segment starts and SCVL pair sides before the split.
+not depend on how verl splits the mini-batch into micro-batches: the engine counts the mini-batch's segment starts
+and SCVL pair sides before the split.
 
-Both the engine and the loss read the parameters from the critic's `hf_config.synapo_params` (set by
-`synapo_ext.verl.config.prepare_config`); without them they are verl's stock engine and loss, unchanged.
+The loss reads the parameters from the critic's `hf_config.synapo_params` (set by
+`synapo_ext.verl.config.prepare_config`); without them it is verl's stock loss, unchanged. With them, a part that is
+on but whose row fields did not reach the critic is an error, never a quietly missing term.
 """
 
 from __future__ import annotations
 
-import logging
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from verl.trainer.ppo.core_algos import compute_value_loss
-from verl.utils import tensordict_utils as tu
-from verl.utils.metric import AggregationType, Metric
-from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithValueHead
-from verl.workers.utils import losses as verl_losses
-from verl.workers.utils.padding import no_padding_2_padding
 
-from synapo_ext.core import scvl_split_loss
+from synapo_ext.core import METRICS, scvl_split_loss
 
 from .config import params_from_hf_config
+from .engine import NUM_SCVL_SIDES, NUM_SEGMENTS
+from .fields import (
+    GLOBAL_RETURNS,
+    GLOBAL_VALUES,
+    HVM_FIELDS,
+    SCVL_DIVERGE,
+    SCVL_FIELDS,
+    SCVL_PARTNER,
+    SCVL_SIGN,
+    START_MASK,
+    dense_rows,
+)
 
-__all__ = ["SynAPOValueEngine", "synapo_value_loss"]
+__all__ = ["synapo_value_loss"]
 
-logger = logging.getLogger(__name__)
-
-GLOBAL_VALUES = "values_global"
-NUM_SEGMENTS = "synapo_num_segments"
-NUM_SCVL_SIDES = "synapo_num_scvl_sides"
+SCVL_FIELDS_BY_USE = (SCVL_SIGN, SCVL_DIVERGE, SCVL_PARTNER)
 
 
-def _two_heads(module: torch.nn.Module) -> None:
-    """Replace the 1-output token-classification head by a 2-output one (both rows start as the old row)."""
-    for name in ("score", "classifier"):
-        head = getattr(module, name, None)
-        if isinstance(head, torch.nn.Linear):
-            break
-    else:
-        raise TypeError(
-            f"HVM needs a token-classification critic with a `score` or `classifier` Linear head; "
-            f"{type(module).__name__} has neither (trl's value-head fallback is not supported)"
+def _require(data: Any, names: tuple[str, ...], part: str) -> None:
+    missing = [n for n in names if n not in data.keys()]
+    if missing:
+        raise RuntimeError(
+            f"synapo: {part} is on but the critic's mini-batch has no {missing}: the advantage step's fields did not "
+            "reach the critic (check the TaskRunner log for TransferQueue errors)"
         )
-    if head.out_features == 2:
-        return
-    new = torch.nn.Linear(head.in_features, 2, bias=head.bias is not None, device=head.weight.device)
-    new.to(head.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(head.weight.expand(2, -1))
-        if head.bias is not None:
-            new.bias.copy_(head.bias.expand(2))
-    setattr(module, name, new)
-    module.config.num_labels = 2
 
 
-def _nested_sum(t: torch.Tensor) -> torch.Tensor:
-    return (t.values() if t.is_nested else t).float().sum()
+def _hvm_loss(config: Any, model_output: dict, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's clipped value loss on the global head, over segment starts, normalised by the mini-batch's starts."""
+    from verl.trainer.ppo.core_algos import compute_value_loss
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    _require(data, (GLOBAL_VALUES, *HVM_FIELDS), "HVM")
+    padded = data.select(GLOBAL_VALUES, GLOBAL_RETURNS, START_MASK).to_padded_tensor()
+    vpreds = no_padding_2_padding(model_output[GLOBAL_VALUES], data)
+    return compute_value_loss(
+        vpreds=vpreds,
+        returns=padded[GLOBAL_RETURNS].to(vpreds),
+        values=padded[GLOBAL_VALUES].to(vpreds),
+        response_mask=padded[START_MASK].to(vpreds.device).bool(),
+        cliprange_value=config.cliprange_value,
+        loss_agg_mode="token-mean",
+        dp_size=data["dp_size"],
+        batch_num_tokens=max(tu.get_non_tensor_data(data, NUM_SEGMENTS, 0.0), 1.0),
+    )
 
 
-class SynAPOValueEngine(FSDPEngineWithValueHead):
-    """verl's FSDP value engine with HVM's second (global) output when the critic is a SynAPO one."""
+def _scvl_loss(params: Any, model_output: dict, data: Any) -> torch.Tensor:
+    """SCVL's split hinge over the pair sides of this micro-batch's rows, normalised by the mini-batch's pairs."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import no_padding_2_padding
 
-    def _synapo(self):
-        return params_from_hf_config(self.model_config.hf_config)
-
-    def _hvm(self) -> bool:
-        params = self._synapo()
-        return params is not None and params.hvm_enabled
-
-    def _build_module(self):
-        module = super()._build_module()
-        if self._hvm():
-            _two_heads(module)
-            self.model_config.hf_config.num_labels = 2
-        return module
-
-    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
-        if not self._hvm():
-            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        logits = output.logits  # (..., 2): local, global
-        heads = {}
-        for key, col in (("values", 0), (GLOBAL_VALUES, 1)):
-            one = SimpleNamespace(logits=logits[..., col : col + 1])
-            heads[key] = super().prepare_model_outputs(one, output_args, micro_batch, logits_processor_func)["values"]
-        return heads
-
-    def forward_backward_batch(self, data, loss_function, forward_only=False):
-        if not forward_only and self._synapo() is not None:
-            counts = torch.zeros(2)
-            if "synapo_start_mask" in data.keys():
-                counts[0] = _nested_sum(data["synapo_start_mask"])
-            if "synapo_scvl_sign" in data.keys():
-                counts[1] = data["synapo_scvl_sign"].abs().sum()
-            group = self.get_data_parallel_group()
-            if torch.distributed.is_initialized():
-                from verl.utils.device import get_device_id
-
-                counts = counts.to(get_device_id())
-                torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM, group=group)
-            tu.assign_non_tensor(data, **{NUM_SEGMENTS: float(counts[0]), NUM_SCVL_SIDES: float(counts[1])})
-        return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+    _require(data, SCVL_FIELDS, "SCVL")
+    vpreds = no_padding_2_padding(model_output["values"], data)
+    sign, diverge, partner = (dense_rows(data[k], k).to(vpreds.device) for k in SCVL_FIELDS_BY_USE)
+    rows, slots = torch.nonzero(sign, as_tuple=True)
+    sides = max(tu.get_non_tensor_data(data, NUM_SCVL_SIDES, 0.0), 1.0)
+    hinge = scvl_split_loss(
+        vpreds,
+        rows,
+        diverge[rows, slots].long(),
+        partner[rows, slots].to(vpreds),
+        sign[rows, slots] > 0,
+        margin=params.scvl_margin,
+        num_pairs=sides / 2,  # the mini-batch's pairs: each pair has two sides
+    )
+    return hinge * data["dp_size"]  # FSDP averages gradients over dp ranks, as in verl's agg_loss
 
 
 def synapo_value_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None):
@@ -116,48 +98,25 @@ def synapo_value_loss(config: Any, model_output: dict, data: Any, dp_group: Any 
     Args:
         config: verl's `CriticConfig`; `config.model.hf_config.synapo_params` holds the SynAPO parameters.
         model_output: `values` (and `values_global` with HVM), nested (bs, prompt + response).
-        data: the micro-batch TensorDict, carrying the per-row fields of `synapo_ext.verl.trainer`.
+        data: the micro-batch TensorDict, carrying the row fields of `synapo_ext.verl.fields`.
 
     Returns:
         (loss, metrics), as verl's `value_loss`.
     """
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils import losses as verl_losses
+
     loss, metrics = verl_losses.value_loss(config, model_output, data, dp_group)
     params = params_from_hf_config(getattr(config.model, "hf_config", None))
     if params is None:
         return loss, metrics
-    dp_size = data["dp_size"]
     if params.hvm_enabled:
-        padded = data.select(GLOBAL_VALUES, "synapo_global_returns", "synapo_start_mask").to_padded_tensor()
-        vpreds = no_padding_2_padding(model_output[GLOBAL_VALUES], data)
-        start_mask = padded["synapo_start_mask"].to(vpreds.device).bool()
-        global_loss, global_clipfrac = compute_value_loss(
-            vpreds=vpreds,
-            returns=padded["synapo_global_returns"].to(vpreds),
-            values=padded[GLOBAL_VALUES].to(vpreds),
-            response_mask=start_mask,
-            cliprange_value=config.cliprange_value,
-            loss_agg_mode="token-mean",
-            dp_size=dp_size,
-            batch_num_tokens=max(tu.get_non_tensor_data(data, NUM_SEGMENTS, 0.0), 1.0),
-        )
+        global_loss, global_clipfrac = _hvm_loss(config, model_output, data)
         loss = loss + global_loss
-        metrics["critic/synapo/global_loss"] = Metric(value=global_loss, aggregation=AggregationType.SUM)
-        metrics["critic/synapo/global_clipfrac"] = global_clipfrac.detach().item()
-    if params.scvl_enabled and params.scvl_weight > 0 and "synapo_scvl_sign" in data.keys():
-        vpreds = no_padding_2_padding(model_output["values"], data)
-        sign = data["synapo_scvl_sign"].to(vpreds.device)
-        rows, slots = torch.nonzero(sign, as_tuple=True)
-        sides = max(tu.get_non_tensor_data(data, NUM_SCVL_SIDES, 0.0), 1.0)
-        hinge = scvl_split_loss(
-            vpreds,
-            rows,
-            data["synapo_scvl_diverge"].to(vpreds.device)[rows, slots],
-            data["synapo_scvl_partner"].to(vpreds)[rows, slots],
-            sign[rows, slots] > 0,
-            margin=params.scvl_margin,
-            num_pairs=sides / 2,  # the mini-batch's pairs: each pair has two sides
-        )
-        scvl = hinge * dp_size  # FSDP averages gradients over dp ranks, as in verl's agg_loss
+        metrics[METRICS.global_loss] = Metric(value=global_loss, aggregation=AggregationType.SUM)
+        metrics[METRICS.global_clipfrac] = global_clipfrac.detach().item()
+    if params.scvl_enabled and params.scvl_weight > 0:
+        scvl = _scvl_loss(params, model_output, data)
         loss = loss + params.scvl_weight * scvl
-        metrics["critic/synapo/scvl_loss"] = Metric(value=scvl, aggregation=AggregationType.SUM)
+        metrics[METRICS.scvl_loss] = Metric(value=scvl, aggregation=AggregationType.SUM)
     return loss, metrics

@@ -12,6 +12,31 @@ from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
 
+class _CPUDeviceModule(ModuleType):
+    """`torch.cpu` plus stand-ins for the CUDA-only calls verl makes on its device module (memory stats are 0)."""
+
+    _STANDINS = {
+        "is_available": lambda: True,
+        "device_count": lambda: 1,
+        "get_device_name": lambda *a: "cpu",
+        "mem_get_info": lambda *a: (0, 0),
+        "get_rng_state": lambda *a: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a: torch.set_rng_state(state),
+    }
+
+    def __getattr__(self, name: str):
+        if name in self._STANDINS:
+            return self._STANDINS[name]
+        if hasattr(torch.cpu, name):
+            return getattr(torch.cpu, name)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: 0  # empty_cache, memory_reserved, ipc_collect, set_per_process_memory_fraction, ...
+
+
+_CPU_DEVICE = _CPUDeviceModule("synapo_cpu_device")
+
+
 @PlatformRegistry.register(platform="cpu")
 class PlatformCPU(PlatformBase):
     device_name = "cpu"
@@ -19,7 +44,7 @@ class PlatformCPU(PlatformBase):
 
     @property
     def device_module(self) -> ModuleType:
-        return torch.cpu
+        return _CPU_DEVICE
 
     def is_available(self) -> bool:
         return True
@@ -71,7 +96,7 @@ class PlatformCPU(PlatformBase):
         pass
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        return "GPU"  # a logical GPU for Ray's scheduler (`+ray_kwargs.ray_init.num_gpus=1`), never touched
 
     def ray_noset_envvars(self) -> list[str]:
         return []

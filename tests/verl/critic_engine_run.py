@@ -105,7 +105,8 @@ def engine_batch(batch: dict, tokenizer, extra: dict, remove_padding: bool, micr
 def main(preset: str = "synapo", remove_padding: bool = False) -> dict:
     from verl.workers.engine import EngineRegistry  # after the CPU platform is registered
 
-    from synapo_ext.verl.critic import SynAPOValueEngine, synapo_value_loss
+    from synapo_ext.verl.critic import synapo_value_loss
+    from synapo_ext.verl.engine import SynAPOValueEngine
 
     assert PlatformCPU.device_name == "cpu"
     verl_model.load_valuehead_model = eager_valuehead

@@ -95,7 +95,13 @@ PROMPT_LEN = 3
 
 
 class FakeTQ:
-    """TransferQueue's `kv_batch_get` / `kv_batch_put` over a dict, one sample per key (as verl's CPU tests stub it).
+    """TransferQueue's `kv_batch_get` / `kv_batch_put` over a dict, one sample per key, with the real store's layouts
+    and its dtype rule (checked against the real TransferQueue by tests/verl/test_real_run.py):
+
+    - every per-sample field that is a 1-D tensor (per-token fields, and (bs, K) row fields too) comes back as a
+      jagged nested tensor; per-sample scalars come back stacked (bs,);
+    - a put that changes a stored field's dtype is refused, as the real controller refuses it (it logs the error and
+      drops the metadata of every field written after it; the fake raises).
 
     Per-token fields are stored per sample at the sample's own length (verl's nested layout); `prompt+response`
     fields (what a critic's `infer_batch` writes) hold PROMPT_LEN extra leading entries.
@@ -114,7 +120,7 @@ class FakeTQ:
                     row[name] = str(value[i])
                 elif name in full_fields:
                     # the model's output at position p is the value of the state before token p + 1
-                    row[name] = torch.cat([torch.zeros(PROMPT_LEN - 1), value[i, :n], torch.zeros(1)])
+                    row[name] = torch.cat([value.new_zeros(PROMPT_LEN - 1), value[i, :n], value.new_zeros(1)])
                 elif value.dim() == 2:
                     row[name] = value[i, :n]
                 else:
@@ -129,7 +135,7 @@ class FakeTQ:
             values = [self.store[k][name] for k in keys]
             if isinstance(values[0], str):
                 td.set(name, NonTensorStack(*[NonTensorData(v) for v in values]))
-            elif values[0].dim() == 1 and name not in ROW_FIELDS:
+            elif values[0].dim() == 1:
                 td[name] = torch.nested.as_nested_tensor(values, layout=torch.jagged)
             else:
                 td[name] = torch.stack(values)
@@ -140,13 +146,16 @@ class FakeTQ:
 
         for name in fields.keys():
             value = fields[name]
+            old = self.store[keys[0]].get(name)
+            if isinstance(old, torch.Tensor) and old.dtype != value.dtype:
+                raise ValueError(
+                    f"dtype mismatch: existing={old.dtype}, incoming={value.dtype}. "
+                    "All batches for the same field must have the same dtype."
+                )
             rows = value.unbind(0)
             for key, row in zip(keys, rows, strict=True):
                 self.store[key][name] = row
         return KVBatchMeta(keys=list(keys), tags=[{}] * len(keys), partition_id=partition_id)
-
-
-ROW_FIELDS = ("synapo_scvl_diverge", "synapo_scvl_partner", "synapo_scvl_sign", "synapo_lm_weight")
 
 
 def padded(store_rows: list, width: int) -> torch.Tensor:

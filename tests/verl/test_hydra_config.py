@@ -69,7 +69,8 @@ def test_each_preset_passes_verl_validation(preset):
     main_ppo_validate(cfg)
     params = params_from_preset(preset)
     assert cfg.critic.enable is True  # turned on by itself
-    assert cfg.trainer.critic_warmup == params.value_warmup_steps
+    # verl moves the actor once critic_warmup <= global step (from 1): N critic-only steps are N + 1
+    assert cfg.trainer.critic_warmup == params.value_warmup_steps + 1
     assert cfg.actor_rollout_ref.actor.clip_ratio_high == params.clip_ratio_high
     assert cfg.actor_rollout_ref.actor.loss_agg_mode == "token-mean"
     assert cfg.algorithm.lam == params.gae_lambda

@@ -40,7 +40,7 @@ def load(tq: FakeTQ, batch: dict) -> KVBatchMeta:
         "responses": batch["responses"],
         "values": batch["values"],
         "entropy": batch["entropys"],
-        "values_global": batch["values_global"],
+        "values_global": batch["values_global"].bfloat16(),  # the critic's infer_batch stores its dtype (bf16)
     }
     tq.load(keys, rows, full_fields=("values_global",))
     return KVBatchMeta(keys=keys, tags=[{}] * B, partition_id="train")
@@ -70,7 +70,7 @@ def test_v1_compute_advantage_runs_synapo(tq, preset):
         rewards=batch["token_level_scores"],
         values=batch["values"],
         response_mask=batch["response_mask"],
-        global_values=batch["values_global"] if params.hvm_enabled else None,
+        global_values=batch["values_global"].bfloat16().float() if params.hvm_enabled else None,
         entropy=batch["entropys"] if params.ea_gae_enabled else None,
         response_ids=batch["responses"],
         boundary_table=boundary_table_from_tokenizer(tok),
@@ -87,16 +87,18 @@ def test_v1_compute_advantage_runs_synapo(tq, preset):
         torch.testing.assert_close(glob[mask], ref.global_returns[mask])
         starts = padded([r["synapo_start_mask"] for r in rows], T)
         assert torch.equal(starts[mask].bool(), ref.start_mask[mask])
-        old = padded([r["values_global"] for r in rows], T)  # written back in response layout
-        torch.testing.assert_close(old[mask], batch["values_global"][mask])
+        # written back response-only, in the dtype the store holds (a dtype change is refused by the store)
+        assert all(r["values_global"].dtype == torch.bfloat16 for r in rows)
+        old = padded([r["values_global"].float() for r in rows], T)
+        torch.testing.assert_close(old[mask], batch["values_global"].bfloat16().float()[mask])
         assert "synapo/hvm/segments_mean" in metrics
     if params.scvl_enabled:
         sign = torch.stack([r["synapo_scvl_sign"] for r in rows])
         assert int((sign > 0).sum()) == int((sign < 0).sum()) == ref.scvl.pos_index.numel() > 0
     if params.positive_lm_coef > 0:
         weight = torch.stack([r["synapo_lm_weight"] for r in rows])
-        expected = params.positive_lm_coef * (batch["token_level_scores"].sum(-1) >= params.scvl_threshold).float()
-        assert torch.equal(weight, expected)
+        expected = params.positive_lm_coef * (batch["token_level_scores"].sum(-1) >= params.positive_lm_threshold)
+        assert torch.equal(weight, expected.float())
 
 
 def test_v1_gae_unchanged_by_plugin(monkeypatch):
