@@ -30,26 +30,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from task_chain import BUGS, apply, completion_length, generate, parse_prompt, rl_dataset, score, warm_start  # noqa: E402
+from task_chain import BUGS, apply, parse_prompt  # noqa: E402
 
 STEP = re.compile(r"[a-z]:(\d)([+\-*])(\d)=(\d)$")
 
 
-def rollouts(model, tokenizer, prompts: list[str], cfg, seed: int) -> dict[str, torch.Tensor]:
+def rollouts(model, tokenizer, prompts: list[str], cfg, seed: int, task=None) -> dict[str, torch.Tensor]:
     """Sampled completions (T=1) as padded tensors: ids and attention (N, P + T), mask (N, T), score (N,)."""
-    T = completion_length(cfg) + 4
-    outs = generate(model, tokenizer, prompts, max_new_tokens=T, temperature=1.0, seed=seed)
-    ids, mask, scores = [], [], []
-    for prompt, (text, ended) in zip(prompts, outs, strict=True):
-        completion = (tokenizer(text)["input_ids"] + ([tokenizer.eos_token_id] if ended else []))[:T]
-        pad = T - len(completion)
-        ids.append(tokenizer(prompt)["input_ids"] + completion + [tokenizer.pad_token_id] * pad)
-        mask.append([1.0] * len(completion) + [0.0] * pad)
-        scores.append(score(prompt, text, ended))
-    prompt_len = len(tokenizer(prompts[0])["input_ids"])  # every prompt has the same length
-    mask = torch.tensor(mask)
-    attention = torch.cat([torch.ones(len(ids), prompt_len), mask], dim=1).long()
-    return {"ids": torch.tensor(ids), "attention": attention, "mask": mask, "score": torch.tensor(scores)}
+    import task_chain
+    from value_pretrain import sample_rollouts
+
+    return sample_rollouts(model, tokenizer, task or task_chain, cfg, prompts, seed)
 
 
 def prefix_features(data: dict, tokenizer) -> dict[str, torch.Tensor]:
@@ -110,13 +101,21 @@ def linear_probe_ev(policy, data: dict, returns: torch.Tensor, train: slice, tes
     return explained_variance(returns[test], (x[test] @ w).float(), mask[test])
 
 
-def train_critic(policy, data, returns, train: slice, test: slice, *, lr: float, epochs: int, every: int, log):
-    """The benchmark's critic on `returns`: held-out explained variance every `every` optimizer steps."""
+def train_critic(policy, data, returns, train: slice, test: slice, *, lr: float, epochs: int, every: int, log,
+                 head_init: str = "zero", max_steps: int | None = None):  # fmt: skip
+    """The benchmark's critic on `returns`: held-out explained variance every `every` optimizer steps.
+    `head_init`: the value head's start (value_pretrain.init_head: "zero" is the trainer's; "ridge" the least-squares
+    head on the frozen features of the training rollouts; "normal" random)."""
+    from value_pretrain import init_head
+
     from synapo_ext.core import value_loss
     from synapo_ext.trl.critic import build_critic, critic_values
 
     torch.manual_seed(0)
     critic = build_critic(None, policy, num_heads=1)
+    if head_init != "zero":
+        rows = {k: v[train] for k, v in data.items()}
+        init_head(critic, head_init, rows, returns[train], 1e-2, seed=0)
     optimizer = torch.optim.AdamW(critic.parameters(), lr=lr)
     ids, attention, mask = data["ids"], data["attention"], data["mask"]
     T = mask.size(1)
@@ -144,48 +143,82 @@ def train_critic(policy, data, returns, train: slice, test: slice, *, lr: float,
             if step % every == 0:
                 curve.append((step, held_out_ev()))
                 log(f"  step {step}: held-out EV {show(curve[-1][1])}")
+            if max_steps is not None and step >= max_steps:
+                return curve
     return curve
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="chain", choices=["chain", "checked"], help="task_chain or task_checked")
     parser.add_argument("--train", type=int, default=4096, help="training rollouts (512 prompts x 8)")
     parser.add_argument("--test", type=int, default=1024, help="held-out rollouts (other prompts)")
     parser.add_argument("--epochs", type=int, default=2, help="critic passes over the training rollouts")
     parser.add_argument("--critic_learning_rate", type=float, default=1e-3, help="the learning benchmark's default")
     parser.add_argument("--every", type=int, default=64, help="evaluate every this many critic steps")
     parser.add_argument("--sft_steps", type=int, default=3000, help="warm-start supervised steps (learning.py's)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "learning", "critic_probe.md"))
-    parser.add_argument("--cache_dir", default=os.path.join(HERE, "cache", "learning"))
+    parser.add_argument(
+        "--diagnose_steps",
+        type=int,
+        default=128,
+        help="checked task: critic steps of each flat-start diagnosis variant (0: skip them)",
+    )
+    parser.add_argument(
+        "--pretrain_max_rollouts",
+        type=int,
+        default=2048,
+        help="checked task: cap of the value pre-training with its stopping rule (0: skip it)",
+    )
+    parser.add_argument("--out", default="", help="default benchmarks/results/<learning|checked>/critic_probe.md")
+    parser.add_argument("--cache_dir", default="", help="default benchmarks/cache/<learning|learning_checked>")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from learning import Args, task_config
+    import learning
     from learning_run import load_policy
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     start = time.perf_counter()
-    cfg = task_config(Args(sft_steps=args.sft_steps))
-    policy, tokenizer = load_policy(warm_start(cfg, 0, args.cache_dir))
+    a = learning.parse_args(["--task", args.task, "--sft_steps", str(args.sft_steps)]
+                            + (["--cache_dir", args.cache_dir] if args.cache_dir else []))  # fmt: skip
+    task, cfg = learning.task_module(a), learning.task_config(a)
+    out_path = args.out or os.path.join(a.out, "critic_probe.md")
+    policy, tokenizer = load_policy(task.warm_start(cfg, 0, a.cache_dir))
     n = args.train + args.test
-    prompts = [row["prompt"] for row in rl_dataset(cfg, n=n // 8 + 1, seed=0) for _ in range(8)][:n]
-    data = rollouts(policy, tokenizer, prompts, cfg, seed=1)
-    feats = prefix_features(data, tokenizer)
+    prompts = [row["prompt"] for row in task.rl_dataset(cfg, n=n // 8 + 1, seed=0) for _ in range(8)][:n]
+    data = rollouts(policy, tokenizer, prompts, cfg, seed=1, task=task)
     train, test = slice(0, args.train), slice(args.train, n)
     mask, success = data["mask"], data["score"]
     returns = success[:, None] * mask  # Monte-Carlo return, gamma 1, reward on the last token
+    if args.task == "chain":
+        feats = prefix_features(data, tokenizer)
+        keys = feats["wrong_before"].long() * 10_000 + feats["bug_ops"][:, None] * 100 + feats["step"]
+        bug_keys = feats["bug_ops"][:, None].expand_as(mask).contiguous()
+        lookups = {
+            "lookup table on (wrong step written)": feats["wrong_before"].long(),
+            "lookup table on (bug ops in prompt)": bug_keys,
+            "lookup table on (wrong step written x step x bug ops)": keys,
+        }
+    else:
+        P = data["ids"].size(1) - mask.size(1)
+        tokens = [tokenizer.convert_ids_to_tokens(row) for row in data["ids"][:, P:].tolist()]
+        feats = task.true_features(prompts, tokens)
+        feats["wrong_before"] = feats["wrong_before"].float()
+        lookups = {
+            "lookup table on (wrong step written)": feats["wrong_before"].long(),
+            "lookup table on (risky steps left)": feats["risky_left"],
+            "lookup table on (wrong step written x risky steps left)": feats["wrong_before"].long() * 100
+            + feats["risky_left"],
+            "lookup table on (wrong step written x step x risky steps left)": feats["wrong_before"].long() * 10_000
+            + feats["risky_left"] * 100
+            + feats["step"],
+        }
     log(f"{n} rollouts sampled and featurised ({time.perf_counter() - start:.0f}s)")
 
     m, wrong = mask.bool(), feats["wrong_before"].bool()
     p_wrong, p_clean = (float(returns[m & w].mean()) if (m & w).any() else 0.0 for w in (wrong, ~wrong))
-    keys = feats["wrong_before"].long() * 10_000 + feats["bug_ops"][:, None] * 100 + feats["step"]
-    bug_keys = feats["bug_ops"][:, None].expand_as(mask).contiguous()
-    ceilings = {
-        "lookup table on (wrong step written)": table_value(feats["wrong_before"].long(), returns, mask, train),
-        "lookup table on (bug ops in prompt)": table_value(bug_keys, returns, mask, train),
-        "lookup table on (wrong step written x step x bug ops)": table_value(keys, returns, mask, train),
-    }
+    ceilings = {name: table_value(k, returns, mask, train) for name, k in lookups.items()}
     ceiling_ev = {name: explained_variance(returns[test], v[test], mask[test]) for name, v in ceilings.items()}
     for name, ev in ceiling_ev.items():
         log(f"{name}: held-out EV {show(ev)}")
@@ -195,14 +228,34 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ridge value head on frozen policy features: held-out EV {show(ceiling_ev[list(ceiling_ev)[-1]])}")
     clean_target = (p_clean * (1 - feats["wrong_before"])) * mask
     kw = dict(lr=args.critic_learning_rate, epochs=args.epochs, every=args.every, log=log)
-    log("critic on the outcome (Monte-Carlo) target:")
-    outcome_curve = train_critic(policy, data, returns, train, test, **kw)
-    log("critic on the noise-free 'no wrong step yet' target (positive control):")
-    control_curve = train_critic(policy, data, clean_target, train, test, **kw)
+    rows = [f"| {name}, fitted on the training rollouts | {show(ev)} |" for name, ev in ceiling_ev.items()]
+    if args.task == "chain":
+        log("critic on the outcome (Monte-Carlo) target:")
+        outcome_curve = train_critic(policy, data, returns, train, test, **kw)
+        log("critic on the noise-free 'no wrong step yet' target (positive control):")
+        control_curve = train_critic(policy, data, clean_target, train, test, **kw)
+        rows += [f"| critic, outcome target, after {s} steps (lr {args.critic_learning_rate:g}) | {show(ev)} |"
+                 for s, ev in outcome_curve]  # fmt: skip
+        rows += [f"| positive control: critic on the noise-free target, after {s} steps (EV of that target) | "
+                 f"{show(ev)} |" for s, ev in control_curve]  # fmt: skip
+    pretrain_lines, gate_lines = [], []
+    if args.task == "checked":
+        rows += checked_diagnosis(policy, data, returns, train, test, args, log)
+        best_lookup = max(ev for name, ev in ceiling_ev.items() if name.startswith("lookup") and ev is not None)
+        critic_ev = None
+        if args.pretrain_max_rollouts > 0:
+            pretrain_lines, critic_ev = checked_pretrain(policy, tokenizer, task, cfg, data, returns, test, args, log)
+        gate_lines = [
+            "",
+            f"**Gate** (issue 13): lookup value on the true features >= 0.50: {best_lookup:.3f} "
+            f"({'pass' if best_lookup >= 0.5 else 'FAIL'}); the benchmark's critic after value pre-training >= "
+            f"0.30 on these held-out rollouts: {show(critic_ev)} "
+            f"({'pass' if critic_ev is not None and critic_ev >= 0.3 else 'FAIL'}).",
+        ]
 
     command = " ".join(["python", "benchmarks/critic_probe.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
-        "# Critic probe: can the benchmark's critic learn this task's values?",
+        f"# Critic probe ({args.task} task): can the benchmark's critic learn this task's values?",
         "",
         f"Command: `{command}` ({time.perf_counter() - start:.0f}s, one CPU thread). Warm start of the learning "
         f"benchmark (seed 0), {args.train} training and {args.test} held-out rollouts at temperature 1 "
@@ -214,21 +267,62 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| value | held-out EV |",
         "|---|---|",
-        *[f"| {name}, fitted on the training rollouts | {show(ev)} |" for name, ev in ceiling_ev.items()],  # fmt: skip
-        *[
-            f"| critic, outcome target, after {s} steps (lr {args.critic_learning_rate:g}) | {show(ev)} |"
-            for s, ev in outcome_curve
-        ],  # fmt: skip
-        *[
-            f"| positive control: critic on the noise-free target, after {s} steps (EV of that target) | {show(ev)} |"
-            for s, ev in control_curve
-        ],  # fmt: skip
+        *rows,
+        *pretrain_lines,
+        *gate_lines,
     ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     log("\n".join(lines))
     return 0
+
+
+def checked_diagnosis(policy, data, returns, train, test, args, log) -> list[str]:
+    """Why the critic starts flat: the trainer's critic (zero head) against other head starts and learning rates,
+    the same number of steps on the same rollouts."""
+    if args.diagnose_steps <= 0:
+        return []
+    variants = [("zero", args.critic_learning_rate), ("zero", 1e-2 if args.critic_learning_rate < 1e-2 else 1e-3),
+                ("normal", args.critic_learning_rate), ("ridge", args.critic_learning_rate)]  # fmt: skip
+    rows = []
+    every = max(1, args.diagnose_steps // 4)
+    for head, lr in variants:
+        log(f"critic on the outcome target, head {head}, lr {lr:g}:")
+        curve = train_critic(policy, data, returns, train, test, lr=lr, epochs=args.epochs, every=every, log=log,
+                             head_init=head, max_steps=args.diagnose_steps)  # fmt: skip
+        name = {"zero": "zero value head (the trainer's)", "normal": "random value head (std 1/sqrt(d))",
+                "ridge": "value head = ridge fit on the frozen features"}[head]  # fmt: skip
+        rows.append(f"| critic, outcome target, {name}, lr {lr:g}, batch 32: EV after "
+                    + ", ".join(f"{s}" for s, _ in curve) + " steps | "
+                    + ", ".join(show(ev) for _, ev in curve) + " |")  # fmt: skip
+    return rows
+
+
+def checked_pretrain(policy, tokenizer, task, cfg, data, returns, test, args, log):
+    """The learning benchmark's value pre-training (value_pretrain.py, its defaults) on fresh rollouts of the warm
+    start; the resulting critic's EV on the probe's held-out rollouts."""
+    from value_pretrain import PretrainSettings, critic_predict, pretrain_critic
+
+    settings = PretrainSettings(max_rollouts=args.pretrain_max_rollouts)
+    stream = [row["prompt"] for row in task.rl_dataset(cfg, n=settings.max_rollouts // 8 + 64, seed=101)]
+    lines = ["", "**Value pre-training** (`value_pretrain.py`, what the learning benchmark runs before RL; "
+             f"settings `{settings}`), on its own rollouts of the warm start:", "",
+             "| heads | rollouts sampled (held-out incl.) | critic steps | EV on its held-out rollouts, per round "
+             "| stopped by | EV on the probe's held-out rollouts |", "|---|---|---|---|---|---|"]  # fmt: skip
+    evs = []
+    for heads in (1, 2):
+        log(f"value pre-training, {heads} head(s):")
+        critic, info = pretrain_critic(
+            policy, tokenizer, task, cfg, stream, settings, num_heads=heads, seed=0, log=log
+        )
+        values = critic_predict(critic, {k: v[test] for k, v in data.items()})
+        probe_ev = [explained_variance(returns[test], values[..., h], data["mask"][test]) for h in range(heads)]
+        evs.append(min(-1.0 if e is None else e for e in probe_ev))
+        per_round = "; ".join(", ".join(f"{e:.3f}" for e in c["ev"]) for c in info["curve"])
+        lines.append(f"| {heads} | {info['rollouts']} | {info['steps']} | {per_round} | {info['stopped']} | "
+                     + ", ".join(show(e) for e in probe_ev) + " |")  # fmt: skip
+    return lines, min(evs)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -38,14 +39,20 @@ sys.path.insert(0, HERE)
 
 METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "synapo-no-eagae", "synapo-beta-neg"]
 # Diagnostic variants, run only when named: VAPO with the actor's lambda fixed at 1 (A_t = G_t - V_t), which tests
-# whether VAPO's length-adaptive lambda (about 0.80 for ~100 tokens) is what keeps the outcome from the early steps
-EXTRA_METHODS = ["vapo-lambda1"]
+# whether VAPO's length-adaptive lambda (about 0.80 for ~100 tokens) is what keeps the outcome from the early steps;
+# the oracle-value arm (oracle_values.py): Monte-Carlo values at segment starts instead of the learned critic
+ORACLE_METHODS = ["vapo-oracle", "synapo-oracle"]
+EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS]
+# the checked task's full run (issue 13): the 9 methods of the chain's table, then the oracle arm
+CHECKED_METHODS = [*METHODS, "vapo-lambda1", *ORACLE_METHODS]
 
 
 @dataclass
 class Args:
     """Benchmark settings (defaults: the full CPU run)."""
 
+    task: str = "chain"
+    """`chain` (task_chain.py, the first table) or `checked` (task_checked.py: values a critic can learn)"""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """methods to run: `grpo` (TRL's GRPOTrainer), the SynAPO presets, `synapo-beta-neg` (EA-GAE beta < 0); also
     `vapo-lambda1` (VAPO with the actor's lambda fixed at 1, a diagnostic outside the default list)"""
@@ -71,6 +78,17 @@ class Args:
     """critic learning rate (all value-based methods; 1e-3, not 3e-4: PPO collapsed at 3e-4 in a 1-seed pilot)"""
     value_warmup_steps: int = 8
     """critic-only rollout batches before the policy moves (VAPO/SynAPO presets; PPO has none); counted as samples"""
+    value_pretrain: bool = False
+    """VAPO's value pre-training with a stopping rule (value_pretrain.py) instead of `value_warmup_steps`, for the
+    VAPO/SynAPO methods; its rollouts are counted as samples (default on with --task checked)"""
+    pretrain_max_rollouts: int = 2048
+    """cap of the value pre-training's rollouts (held-out ones included)"""
+    pretrain_target_ev: float = 0.5
+    """value pre-training stops when the critic's held-out explained variance reaches this"""
+    oracle_k: int = 8
+    """oracle arm: continuations per distinct segment-start prefix (not counted in the sample budget)"""
+    oracle_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """oracle arm: run only these of `--seeds` (it costs several times more generation)"""
     ea_gae_beta_neg: float = -0.05
     """EA-GAE beta of `synapo-beta-neg` (the write-up's prose sign)"""
     temperature: float = 1.0
@@ -96,29 +114,60 @@ class Args:
 
 
 def apply_quick(a: Args) -> Args:
-    """`--quick` settings for the fields left at their defaults (explicit flags win)."""
+    """`--quick` and `--task checked` settings for the fields left at their defaults (explicit flags win)."""
+    default = Args()
+    if a.task == "checked":
+        checked = dict(
+            methods=CHECKED_METHODS, value_pretrain=True, out=os.path.join(HERE, "results", "checked"),
+            cache_dir=os.path.join(HERE, "cache", "learning_checked"),
+        )  # fmt: skip
+        a = dataclasses.replace(a, **{k: v for k, v in checked.items() if getattr(a, k) == getattr(default, k)})
     if not a.quick:
         return a
     quick = dict(
         methods=["grpo", "synapo"], seeds=[0], samples=384, eval_every=128, eval_prompts=64, final_t1_samples=1,
         value_warmup_steps=2, sft_steps=300, out=os.path.join(HERE, "results", "learning_quick"),
     )  # fmt: skip
-    default = Args()
+    if a.task == "checked":
+        quick.update(methods=["grpo", "synapo", "synapo-oracle"], oracle_k=2, pretrain_max_rollouts=256,
+                     out=os.path.join(HERE, "results", "checked_quick"))  # fmt: skip
+        default = dataclasses.replace(default, methods=CHECKED_METHODS, out=os.path.join(HERE, "results", "checked"))
     return dataclasses.replace(a, **{k: v for k, v in quick.items() if getattr(a, k) == getattr(default, k)})
 
 
-def task_config(a: Args):
-    from task_chain import TaskConfig
+def task_module(a: Args):
+    """The task's module: task_chain or task_checked (the same interface)."""
+    if a.task not in ("chain", "checked"):
+        raise SystemExit(f"unknown --task {a.task!r}; choose chain or checked")
+    return importlib.import_module(f"task_{a.task}")
 
-    return TaskConfig(sft_steps=a.sft_steps)
+
+def task_config(a: Args):
+    return task_module(a).TaskConfig(sft_steps=a.sft_steps)
+
+
+# fields added after the chain's table: left out of the setup key at their defaults (its finished runs still match)
+NEW_FIELDS = ("task", "value_pretrain", "pretrain_max_rollouts", "pretrain_target_ev", "oracle_k", "oracle_seeds")
 
 
 def setup_key(a: Args) -> str:
     """Hash of everything that changes a run's result (not methods, seeds, jobs or paths)."""
     skip = {"methods", "seeds", "jobs", "report_only", "warm_start_only", "out", "cache_dir", "child", "threshold"}
+    default = Args()
     blob = {k: v for k, v in asdict(a).items() if k not in skip}
+    blob = {k: v for k, v in blob.items() if k not in NEW_FIELDS or v != getattr(default, k)}
+    if not a.value_pretrain:  # unused settings do not split the setup
+        for k in ("pretrain_max_rollouts", "pretrain_target_ev"):
+            blob.pop(k, None)
     blob["task"] = asdict(task_config(a))
+    if a.task != "chain":
+        blob["task_name"] = a.task
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_list(a: Args) -> list[tuple[str, int]]:
+    """Every (method, seed) of the benchmark: the oracle arm only on `oracle_seeds`."""
+    return [(m, s) for s in a.seeds for m in a.methods if m not in ORACLE_METHODS or s in a.oracle_seeds]
 
 
 def run_path(a: Args, method: str, seed: int) -> str:
@@ -175,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.report_only:
         prepare(a)
-        todo = [(m, s) for s in a.seeds for m in a.methods if not is_done(a, m, s)]
-        done = len(a.methods) * len(a.seeds) - len(todo)
+        todo = [(m, s) for m, s in run_list(a) if not is_done(a, m, s)]
+        done = len(run_list(a)) - len(todo)
         print(f"{done} finished run(s) skipped, {len(todo)} to run, {a.jobs} at a time", flush=True)
         failed = run_all(a, argv, todo)
         if failed:
@@ -192,18 +241,17 @@ def measure_warm_starts(a: Args, header: list[str]) -> str:
 
     torch.set_num_threads(1)
     from learning_run import greedy_accuracy, load_policy, sampled_accuracy
-    from task_chain import held_out_prompts, warm_start
 
-    cfg = task_config(a)
-    prompts = held_out_prompts(cfg)[: a.eval_prompts]
+    task, cfg = task_module(a), task_config(a)
+    prompts = task.held_out_prompts(cfg)[: a.eval_prompts]
     lines = ["# Warm starts of the learning benchmark", "", *header, "",
              f"Task and warm start: `{json.dumps(asdict(cfg))}`. Held-out prompts: {len(prompts)}; T=1: "
              f"{a.final_t1_samples} sample(s) per prompt.", "",
              "| warm-start seed | greedy acc | exact chain (greedy) | T=1 acc |", "|---|---|---|---|"]  # fmt: skip
     for seed in a.seeds:
-        model, tokenizer = load_policy(warm_start(cfg, seed, a.cache_dir))
-        greedy, exact = greedy_accuracy(model, tokenizer, prompts, cfg)
-        t1 = sampled_accuracy(model, tokenizer, prompts, cfg, a.final_t1_samples, seed=0)
+        model, tokenizer = load_policy(task.warm_start(cfg, seed, a.cache_dir))
+        greedy, exact = greedy_accuracy(model, tokenizer, prompts, cfg, task)
+        t1 = sampled_accuracy(model, tokenizer, prompts, cfg, a.final_t1_samples, seed=0, task=task)
         lines.append(f"| {seed} | {100 * greedy:.1f} | {100 * exact:.1f} | {100 * t1:.1f} |")
         print(lines[-1], flush=True)
     path = os.path.join(a.out, "warm_start.md")
@@ -219,10 +267,9 @@ def prepare(a: Args) -> None:
 
     torch.set_num_threads(1)
     from learning_run import picture_responses
-    from task_chain import warm_start
 
     start = time.perf_counter()
-    path = warm_start(task_config(a), a.warm_start_seed, a.cache_dir)
+    path = task_module(a).warm_start(task_config(a), a.warm_start_seed, a.cache_dir)
     picture_responses(a, path)
     print(f"warm start ready: {path} ({time.perf_counter() - start:.0f}s)", flush=True)
 

@@ -55,10 +55,25 @@ def samples_to(curve: list[dict], threshold: float) -> float | None:
     return None
 
 
-def critic_ev(runs: list[dict]) -> str:
+def critic_ev(runs: list[dict], key: str = "critic/explained_variance") -> str:
     """Median over the runs' optimizer steps of the critic's explained variance (measured before each update)."""
-    evs = sorted(x for r in runs for x in r["train_logs"].get("critic/explained_variance", []))
+    evs = sorted(x for r in runs for x in r["train_logs"].get(key, []))
     return f"{evs[len(evs) // 2]:.2f}" if evs else "-"
+
+
+def value_start(runs: list[dict]) -> str:
+    """Checked task: the value pre-training's mean rollouts and held-out EV, or the oracle's continuations per run."""
+    pre = [r["value_pretrain"] for r in runs if r.get("value_pretrain")]
+    if pre:
+        evs = [min(e if e is not None else float("nan") for e in p["final_ev"]) for p in pre]
+        return (f"pre-training: {sum(p['rollouts'] for p in pre) / len(pre):.0f} rollouts, EV "
+                f"{sum(evs) / len(evs):.2f}")  # fmt: skip
+    oracle = [r["oracle"] for r in runs if r.get("oracle")]
+    if oracle:
+        return (
+            f"oracle: {sum(o['continuations'] for o in oracle) / len(oracle):.0f} continuations (K={oracle[0]['k']})"
+        )
+    return "-"
 
 
 def credit_shares(runs: list[dict], tokens_per_step: int = 8) -> tuple[float, float] | None:
@@ -97,11 +112,35 @@ def fmt(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
 
 
+TITLES = {
+    "chain": "# Learning benchmark: held-out accuracy on a 12-step chain with one sparse reward",
+    "checked": "# Learning benchmark, checked task: credit assignment where a critic can learn the values",
+}
+TASKS = {
+    "chain": "Task (`benchmarks/task_chain.py`): 12 steps of invertible arithmetic mod 10, one step per blank-line "
+    "segment, ~100 answer tokens; reward 1 iff the strict full format and the right final digit (chance "
+    "about 10 %). Warm start: a tiny Qwen2 supervised on imperfect traces (random slips and three systematic "
+    "misconceptions). 'exact chain' = every step right. Policy lr, batch and group size are the same for "
+    "all methods; GRPO is TRL's `GRPOTrainer` with its defaults otherwise.",
+    "checked": "Task (`benchmarks/task_checked.py`): the chain's format (12 steps mod 10, one step per blank-line "
+    "segment, ~100 answer tokens) with 0-3 *risky* operations per prompt (the three misconceptions), reward 1 iff "
+    "the whole worked chain is exactly right (a wrong chain never scores). Warm start: a tiny Qwen2 supervised on "
+    "traces that do a risky step the misconceived way 70 % of the time and any other step wrong 1 % of the time, so "
+    "the value falls to 0 at the token where a wrong result is written (critic_probe.md). VAPO/SynAPO methods start "
+    "from VAPO's value pre-training (`value_pretrain.py`: Monte-Carlo returns of the warm start until the held-out "
+    "explained variance reaches its target or stops improving; its rollouts count as samples); PPO has none. "
+    "`*-oracle`: Monte-Carlo values at segment starts from the current policy instead of a critic "
+    "(`oracle_values.py`; their continuations are not counted in the budget, see the last column). Policy lr, batch "
+    "and group size are the same for all methods; GRPO is TRL's `GRPOTrainer` with its defaults otherwise.",
+}
+
+
 def write_report(a, key: str, header: list[str]) -> str:
     """Write `<out>/learning.md` and the two pictures from the finished runs of setup `key`; returns the path."""
     runs = load_runs(a.out, key)
     order = [m for m in a.methods if m in runs] + sorted(set(runs) - set(a.methods))
-    lines = ["# Learning benchmark: held-out accuracy on a 12-step chain with one sparse reward", "", *header, ""]
+    task = getattr(a, "task", "chain")
+    lines = [TITLES[task], "", *header, ""]
     if not runs:
         lines.append("No finished runs yet.")
     else:
@@ -110,11 +149,7 @@ def write_report(a, key: str, header: list[str]) -> str:
         start = any_run["curve"][0]["greedy"]
         binom = math.sqrt(max(start * (1 - start), 0.01) / n_eval)
         lines += [
-            "Task (`benchmarks/task_chain.py`): 12 steps of invertible arithmetic mod 10, one step per blank-line "
-            "segment, ~100 answer tokens; reward 1 iff the strict full format and the right final digit (chance "
-            "about 10 %). Warm start: a tiny Qwen2 supervised on imperfect traces (random slips and three systematic "
-            "misconceptions). 'exact chain' = every step right. Policy lr, batch and group size are the same for "
-            "all methods; GRPO is TRL's `GRPOTrainer` with its defaults otherwise.",
+            TASKS[task],
             "",
             f"Setup `{key}`: every method starts from the same warm start (greedy held-out accuracy "
             f"{100 * start:.1f} %) and gets {budget} generated completions (critic warm-up rollouts included). "
@@ -126,8 +161,8 @@ def write_report(a, key: str, header: list[str]) -> str:
             "",
             f"| method | seeds | greedy acc at {budget // 2} | final greedy acc | exact chain | final T=1 acc | "
             f"samples to {100 * a.threshold:.0f} % (reached) | final vs grpo | final vs synapo | "
-            "critic EV | min/run |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "critic EV | min/run |" + (" critic EV vs outcome | value start |" if task != "chain" else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if task != "chain" else ""),
         ]
         finals = {m: [r["final_greedy"] for r in runs[m]] for m in order}
         noise = []
@@ -153,6 +188,7 @@ def write_report(a, key: str, header: list[str]) -> str:
             lines.append(
                 f"| {m} | {len(rs)} | {fmt(*half_way)} | {fmt(*greedy)} | {fmt(*exact)} | {fmt(*t1)} | {to} "
                 f"| {cells[0]} | {cells[1]} | {critic_ev(rs)} | {wall:.1f} |"
+                + (f" {critic_ev(rs, 'critic/ev_outcome')} | {value_start(rs)} |" if task != "chain" else "")
             )
         inside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if ins})
         outside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if not ins})

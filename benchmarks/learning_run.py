@@ -11,23 +11,28 @@ import time
 import warnings
 from collections import defaultdict
 
+import task_chain
 import torch
-from task_chain import (
-    DELIMITER,
-    answer_regex,
-    completion_length,
-    first_wrong_step,
-    generate,
-    held_out_prompts,
-    make_tokenizer,
-    parse_prompt,
-    rl_dataset,
-    score,
-    trace,
-    warm_start,
-)
+from task_chain import DELIMITER, answer_regex, completion_length, generate, make_tokenizer, parse_prompt
 
-LOGGED = ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance", "critic/vf_loss", "step_time")
+LOGGED = ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance", "critic/vf_loss", "step_time",
+          "critic/ev_outcome")  # fmt: skip
+
+
+def log_outcome_ev(trainer) -> None:
+    """Also log the critic's explained variance of the Monte-Carlo outcome (the row's score on every token) as
+    `critic/ev_outcome`: with HVM the trainer's own figure compares the local head with its bootstrapped target
+    (shared/notes/benchmark_pilot.md), so only this one is comparable across methods. One process."""
+    own = trainer._explained_variance
+
+    def both(returns, values, mask):
+        out = own(returns, values, mask)
+        scores = (trainer._rewards_per_func * trainer.reward_weights.to(trainer._rewards_per_func.device)).nansum(1)
+        outcome = scores.to(values.device)[:, None].expand_as(values)
+        out["critic/ev_outcome"] = own(outcome, values, mask)["critic/explained_variance"]
+        return out
+
+    trainer._explained_variance = both
 
 
 def load_policy(path: str):
@@ -40,21 +45,21 @@ def load_policy(path: str):
     return model, tokenizer
 
 
-def greedy_accuracy(model, tokenizer, prompts, cfg) -> tuple[float, float]:
-    """(reward rate, exact rate): right final answer in the strict format; the whole chain exactly right."""
+def greedy_accuracy(model, tokenizer, prompts, cfg, task=task_chain) -> tuple[float, float]:
+    """(reward rate, exact rate): the task's reward (strict format); the whole chain exactly right."""
     outs = generate(model, tokenizer, prompts, max_new_tokens=completion_length(cfg) + 4)
-    reward = sum(score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True)) / len(prompts)
-    exact = sum(e and c == trace(*parse_prompt(p)) for p, (c, e) in zip(prompts, outs, strict=True)) / len(prompts)
-    return reward, exact
+    reward = sum(task.score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True)) / len(prompts)
+    exact = sum(e and c == task.trace(*parse_prompt(p)) for p, (c, e) in zip(prompts, outs, strict=True))
+    return reward, exact / len(prompts)
 
 
-def sampled_accuracy(model, tokenizer, prompts, cfg, n: int, seed: int) -> float:
+def sampled_accuracy(model, tokenizer, prompts, cfg, n: int, seed: int, task=task_chain) -> float:
     total = 0.0
     for k in range(n):
         outs = generate(
             model, tokenizer, prompts, max_new_tokens=completion_length(cfg) + 4, temperature=1.0, seed=seed * 1000 + k
         )
-        total += sum(score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True))
+        total += sum(task.score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True))
     return total / (n * len(prompts))
 
 
@@ -63,15 +68,15 @@ def sampled_accuracy(model, tokenizer, prompts, cfg, n: int, seed: int) -> float
 
 def picture_responses(a, path: str) -> list[dict]:
     """Fixed held-out responses of the warm start (T=1): two with one wrong step, one correct. Cached."""
-    from learning import task_config
+    from learning import task_config, task_module
 
     cache = os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)
-    cfg = task_config(a)
+    task, cfg = task_module(a), task_config(a)
     model, tokenizer = load_policy(path)
-    prompts = held_out_prompts(cfg)[:200]
+    prompts = task.held_out_prompts(cfg)[:200]
     wrong, right = [], []
     for k in range(4):
         outs = generate(
@@ -80,9 +85,17 @@ def picture_responses(a, path: str) -> list[dict]:
         for p, (c, e) in zip(prompts, outs, strict=True):
             if not e or answer_regex(p).fullmatch(c) is None:
                 continue
-            item = {"prompt": p, "completion": c, "score": score(p, c, e), "wrong_step": first_wrong_step(p, c)}
+            item = {
+                "prompt": p,
+                "completion": c,
+                "score": task.score(p, c, e),
+                "wrong_step": task.first_wrong_step(p, c),
+            }
             steps = c.split(DELIMITER)[:-1]
-            later = first_wrong_step(p, DELIMITER.join(steps[item["wrong_step"] + 1 :])) if item["wrong_step"] else 0
+            rest = DELIMITER.join(steps[item["wrong_step"] + 1 :]) if item["wrong_step"] else ""
+            later = (
+                task_chain.first_wrong_step(p, rest) if item["wrong_step"] else 0
+            )  # a later step wrong for its input
             middle = item["wrong_step"] is not None and 3 <= item["wrong_step"] <= 9
             if item["score"] == 0 and middle and later is None:
                 wrong.append(item)  # exactly one wrong step, in the middle of the chain
@@ -137,7 +150,12 @@ def credit(trainer, tokenizer, items: list[dict]) -> list[dict]:
 # --- one run ---------------------------------------------------------------------------------------------------------
 
 
-def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, dataset, output_dir: str):
+def uses_pretrain(a, method: str) -> bool:
+    """VAPO's value pre-training (value_pretrain.py) replaces the trainer's warm-up for the VAPO/SynAPO methods."""
+    return a.value_pretrain and method not in ("grpo", "ppo") and not method.endswith("-oracle")
+
+
+def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, dataset, output_dir: str, critic=None):
     from trl import GRPOConfig, GRPOTrainer
 
     from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
@@ -170,14 +188,69 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
     variants = {
         "synapo-beta-neg": ("synapo", {"ea_gae_beta": a.ea_gae_beta_neg}),
         "vapo-lambda1": ("vapo", {"length_adaptive_lambda": False, "gae_lambda": 1.0}),
+        "vapo-oracle": ("vapo", {}),
+        "synapo-oracle": ("synapo", {}),
     }
     preset, extra = variants.get(method, (method, {}))
     warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
+    if method.endswith("-oracle") or uses_pretrain(a, method):
+        warmup = 0  # Monte-Carlo values need no warm-up; a pre-trained critic had its own
     args = SynAPOConfig(
         **common, preset=preset, critic_learning_rate=a.critic_learning_rate, value_warmup_steps=warmup, **extra
     )
     return SynAPOTrainer(
-        model=model, reward_funcs=[reward_fn], args=args, train_dataset=dataset, processing_class=tokenizer
+        model=model,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        critic_model=critic,
+    )
+
+
+def pretrained_critic(a, method: str, seed: int, model, tokenizer, log=print):
+    """(critic, info): VAPO's value pre-training on the warm start's own rollouts (value_pretrain.py), cached per
+    (setup, number of heads, seed) so a resumed run does not redo it (its rollouts still count as samples)."""
+    from learning import setup_key, task_config, task_module
+    from transformers import AutoModelForTokenClassification
+    from value_pretrain import PretrainSettings, pretrain_critic
+
+    heads = 1 if method in ("vapo", "vapo-lambda1", "synapo-no-hvm") else 2
+    path = os.path.join(a.cache_dir, f"pretrain_{setup_key(a)}_{heads}h_s{seed}")
+    if os.path.exists(os.path.join(path, "info.json")):
+        with open(os.path.join(path, "info.json")) as f:
+            return AutoModelForTokenClassification.from_pretrained(path), json.load(f)
+    task, cfg = task_module(a), task_config(a)
+    chunk = min(256, a.pretrain_max_rollouts // 4)  # 256 at the default cap; smaller rounds for --quick
+    settings = PretrainSettings(
+        max_rollouts=a.pretrain_max_rollouts, target_ev=a.pretrain_target_ev, held_out=chunk, round_rollouts=chunk
+    )
+    prompts = [row["prompt"] for row in task.rl_dataset(cfg, n=settings.max_rollouts // 8 + 64, seed=seed + 5000)]
+    critic, info = pretrain_critic(model, tokenizer, task, cfg, prompts, settings, num_heads=heads, seed=seed, log=log)
+    critic.save_pretrained(path + ".tmp")
+    with open(os.path.join(path + ".tmp", "info.json"), "w") as f:
+        json.dump(info, f)
+    os.replace(path + ".tmp", path)
+    return critic, info
+
+
+def oracle_critic(a, method: str, seed: int, model, tokenizer):
+    from learning import task_config, task_module
+    from oracle_values import MCOracleCritic
+
+    task, cfg = task_module(a), task_config(a)
+    dead = getattr(task, "dead_prefix", None)
+    return MCOracleCritic(
+        model,
+        tokenizer,
+        task.score,
+        prompt_len=len(tokenizer(task.held_out_prompts(cfg)[0])["input_ids"]),
+        delimiter_id=tokenizer.convert_tokens_to_ids(DELIMITER),
+        max_completion=completion_length(cfg) + 4,
+        k=a.oracle_k,
+        num_heads=2 if method.startswith("synapo") else 1,
+        dead=dead,
+        seed=seed,
     )
 
 
@@ -191,13 +264,13 @@ def run_one(a, method: str, seed: int) -> dict:
     """Train `method` from the warm start with RL seed `seed`; write and return its result."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per step
-    from learning import run_path, setup_key
+    from learning import run_path, setup_key, task_module
     from transformers import PrinterCallback, TrainerCallback
 
-    tag, cfg, wall0 = f"[{method} s{seed}]", task_cfg(a), time.perf_counter()
-    path = warm_start(cfg, a.warm_start_seed, a.cache_dir)
+    tag, cfg, wall0, task = f"[{method} s{seed}]", task_cfg(a), time.perf_counter(), task_module(a)
+    path = task.warm_start(cfg, a.warm_start_seed, a.cache_dir)
     model, tokenizer = load_policy(path)
-    eval_prompts = held_out_prompts(cfg)[: a.eval_prompts]
+    eval_prompts = task.held_out_prompts(cfg)[: a.eval_prompts]
     eos = tokenizer.eos_token_id
     seen = {"samples": 0}
 
@@ -205,14 +278,14 @@ def run_one(a, method: str, seed: int) -> dict:
         """1 iff the strict full format with the right final answer, ended by eos (task_chain.score)."""
         seen["samples"] += len(completions)
         return [
-            score(p, c, bool(ids) and ids[-1] == eos)
+            task.score(p, c, bool(ids) and ids[-1] == eos)
             for p, c, ids in zip(prompts, completions, completion_ids, strict=True)
         ]
 
     curve, history = [], defaultdict(list)
 
     def evaluate(step: int) -> None:
-        acc, exact = greedy_accuracy(model, tokenizer, eval_prompts, cfg)
+        acc, exact = greedy_accuracy(model, tokenizer, eval_prompts, cfg, task)
         model.train()
         recent = {k: sum(v[-8:]) / len(v[-8:]) for k, v in history.items() if v}
         curve.append(
@@ -227,7 +300,7 @@ def run_one(a, method: str, seed: int) -> dict:
         )
         shown = "  ".join(
             f"{k}={recent[k]:.3f}"
-            for k in ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance")
+            for k in ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance", "critic/ev_outcome")
             if k in recent
         )
         print(
@@ -255,15 +328,31 @@ def run_one(a, method: str, seed: int) -> dict:
 
     print(f"{tag} start: warm start {os.path.basename(path)}, budget {a.samples} samples", flush=True)
     evaluate(0)
-    dataset = rl_dataset(cfg, n=a.samples // a.num_generations + 64, seed=seed)
+    critic, pretrain = None, None
+    if uses_pretrain(a, method):
+        critic, pretrain = pretrained_critic(
+            a, method, seed, model, tokenizer, log=lambda m: print(tag, m, flush=True)
+        )
+        seen["samples"] += pretrain["rollouts"]  # the pre-training's rollouts are part of the budget
+        curve.append({**curve[0], "samples": seen["samples"]})  # RL starts here: the policy has not moved
+        print(
+            f"{tag} value pre-training: {pretrain['rollouts']} rollouts, {pretrain['steps']} critic steps, held-out "
+            f"EV {pretrain['final_ev']} ({pretrain['stopped']}, {pretrain['seconds']:.0f}s)",
+            flush=True,
+        )
+    elif method.endswith("-oracle"):
+        critic = oracle_critic(a, method, seed, model, tokenizer)
+    dataset = task.rl_dataset(cfg, n=a.samples // a.num_generations + 64, seed=seed)
     output_dir = os.path.join(a.cache_dir, "trainer_out", f"{method}_s{seed}")
-    trainer = build_trainer(a, method, seed, model, tokenizer, chain_reward, dataset, output_dir)
+    trainer = build_trainer(a, method, seed, model, tokenizer, chain_reward, dataset, output_dir, critic=critic)
+    if method != "grpo":
+        log_outcome_ev(trainer)
     trainer.remove_callback(PrinterCallback)  # TRL's raw log dicts: our progress lines instead
     trainer.add_callback(Progress())
     trainer.train()
     if curve[-1]["samples"] != seen["samples"]:
         evaluate(trainer.state.global_step)
-    t1 = sampled_accuracy(model, tokenizer, eval_prompts, cfg, a.final_t1_samples, seed)
+    t1 = sampled_accuracy(model, tokenizer, eval_prompts, cfg, a.final_t1_samples, seed, task=task)
     pictures = []
     if method != "grpo":
         with open(os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")) as f:
@@ -286,6 +375,10 @@ def run_one(a, method: str, seed: int) -> dict:
         "wall_s": time.perf_counter() - wall0,
         "train_logs": dict(history),
         "credit": pictures,
+        "value_pretrain": pretrain,
+        "oracle": None
+        if not method.endswith("-oracle")
+        else {"k": a.oracle_k, "continuations": trainer.critic.generated, "prefixes": trainer.critic.estimated},
     }
     out = run_path(a, method, seed)
     os.makedirs(os.path.dirname(out), exist_ok=True)

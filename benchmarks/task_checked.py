@@ -1,0 +1,236 @@
+"""A credit-assignment task whose values a critic can learn: a 12-step checked chain (issue 13).
+
+Same surface as `task_chain.py` (prompt, one step per blank-line segment, ~100 answer tokens, same tokenizer and
+model), three differences that make the value learnable while keeping credit a real problem:
+
+1. **The outcome is the whole worked answer**: reward 1 iff the completion is exactly the right worked chain (every
+   step's input, operation and result right, then ``ans:d``, then eos), as a grader that checks the working would
+   give. A wrong chain never scores by chance (task_chain's final-digit reward: 8.8 % of wrong chains scored).
+2. **Errors sit at few, identifiable steps**: each prompt holds 0-3 *risky* operations (the three misconception
+   pairs of task_chain: ``*7`` done as ``*3``, ``-8`` as ``+8``, ``+9`` as ``-9``) at random positions; the warm
+   start's traces do a risky operation the wrong way with probability ``bug_rate`` and any other step wrong with
+   only ``noise`` (0.01). So the true value is P(every remaining risky step done right), a step function that falls
+   to 0 at the token where a wrong result is written and is visible in the tokens (``c:4*7=2`` instead of ``=8``).
+3. The number of risky operations per prompt is drawn from ``risky_probs`` (P(0) = 0.2): greedy, the warm start gets
+   the risky steps wrong, so it solves mainly the prompts without one.
+
+RL has to find the risky steps inside a 13-segment answer from one sparse 0/1 reward and flip them; a critic that
+learns the value drop at the wrong step can put the blame there. Interface as in task_chain (the learning benchmark
+and the critic probe take ``--task checked``); `true_features` gives the probe the value's true features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from datasets import Dataset
+from task_chain import (  # noqa: F401  (re-exported: the task interface)
+    BUGS,
+    DELIMITER,
+    LABELS,
+    OPS,
+    answer,
+    answer_regex,
+    apply,
+    completion_length,
+    generate,
+    make_model,
+    make_tokenizer,
+    parse_prompt,
+)
+
+NAME = "checked"
+RISKY = sorted(BUGS)  # [("*", 7), ("+", 9), ("-", 8)]
+SAFE = [op for op in OPS if op not in BUGS]
+STEP = re.compile(r"([a-z]):(\d)([+\-*])(\d)=(\d)")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The task and its warm start (every field enters the cache key)."""
+
+    num_steps: int = 12  # operations per chain (answer steps)
+    risky_probs: tuple[float, ...] = (0.2, 0.35, 0.3, 0.15)  # P(0, 1, 2, 3 risky operations in a prompt)
+    noise: float = 0.01  # warm-start traces: probability that a safe step is a random wrong digit
+    bug_rate: float = 0.7  # warm-start traces: probability that a risky step is done the misconceived way
+    num_eval: int = 500  # held-out prompts (never trained on)
+    data_seed: int = 1234  # seed of the held-out set
+    # warm-start model and its supervised training
+    hidden_size: int = 64
+    num_layers: int = 2
+    sft_steps: int = 3000
+    sft_batch: int = 64
+    sft_lr: float = 1e-3
+
+
+def make_prompt(rng: random.Random, num_steps: int, risky_probs=TaskConfig.risky_probs):
+    """(prompt, start, ops): `num_steps` operations, of which 0-3 (drawn from `risky_probs`) are risky."""
+    start = rng.randrange(10)
+    n_risky = rng.choices(range(len(risky_probs)), weights=risky_probs)[0]
+    where = set(rng.sample(range(num_steps), n_risky))
+    ops = [rng.choice(RISKY) if i in where else rng.choice(SAFE) for i in range(num_steps)]
+    prompt = str(start) + "".join(f"{LABELS[i]}{op}{k}" for i, (op, k) in enumerate(ops)) + "\n"
+    return prompt, start, ops
+
+
+def trace(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, cfg: TaskConfig | None = None):
+    """The answer text; with `rng` and `cfg`, an imperfect warm-start trace (later steps consistent with it)."""
+    value, steps = start, []
+    for i, (op, k) in enumerate(ops):
+        result = apply(op, k, value)
+        if rng is not None:
+            if (op, k) in BUGS:
+                if rng.random() < cfg.bug_rate:
+                    result = BUGS[(op, k)](value)
+            elif rng.random() < cfg.noise:
+                result = rng.choice([d for d in range(10) if d != result])
+        steps.append(f"{LABELS[i]}:{value}{op}{k}={result}")
+        value = result
+    return DELIMITER.join(steps) + f"{DELIMITER}ans:{value}"
+
+
+def score(prompt: str, completion: str, ended: bool = True) -> float:
+    """1.0 iff `completion` is exactly the right worked chain for `prompt` (all steps and the answer), ended by eos."""
+    return float(ended and completion == trace(*parse_prompt(prompt)))
+
+
+def first_wrong_step(prompt: str, completion: str) -> int | None:
+    """Index of the first step that is wrong: its input is not the previous result (the start digit for step 0),
+    or its result is wrong for its written input. None: no wrong step among the parsable ones."""
+    previous, _ = parse_prompt(prompt)
+    for i, m in enumerate(STEP.finditer(completion)):
+        x, op, k, y = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        if x != previous or apply(op, k, x) != y:
+            return i
+        previous = y
+    return None
+
+
+def dead_prefix(prompt: str, completion_prefix: str) -> bool:
+    """No continuation of `completion_prefix` can score: a wrong step is already written (the oracle arm's shortcut:
+    its Monte-Carlo estimate there is exactly 0)."""
+    return first_wrong_step(prompt, completion_prefix) is not None
+
+
+# --- data (as task_chain, with this task's prompts) ------------------------------------------------------------------
+
+
+def held_out_prompts(cfg: TaskConfig) -> list[str]:
+    rng = random.Random(f"{NAME}-eval-{cfg.data_seed}")
+    prompts: list[str] = []
+    seen: set[str] = set()
+    while len(prompts) < cfg.num_eval:
+        prompt = make_prompt(rng, cfg.num_steps, cfg.risky_probs)[0]
+        if prompt not in seen:
+            seen.add(prompt)
+            prompts.append(prompt)
+    return prompts
+
+
+def train_prompts(cfg: TaskConfig, n: int, seed: int, exclude: set[str]) -> list[tuple[str, int, list]]:
+    rng = random.Random(f"{NAME}-train-{seed}")
+    out = []
+    while len(out) < n:
+        item = make_prompt(rng, cfg.num_steps, cfg.risky_probs)
+        if item[0] not in exclude:
+            out.append(item)
+    return out
+
+
+def rl_dataset(cfg: TaskConfig, n: int, seed: int) -> Dataset:
+    """RL prompts (disjoint from the held-out set); `answer` reaches the reward function as a keyword."""
+    rows = train_prompts(cfg, n, seed + 10_000, set(held_out_prompts(cfg)))
+    return Dataset.from_list([{"prompt": p, "answer": answer(s, o)} for p, s, o in rows])
+
+
+def accuracy(model, tokenizer, prompts, cfg: TaskConfig, temperature: float = 0.0, seed: int = 0) -> float:
+    outs = generate(
+        model, tokenizer, prompts, max_new_tokens=completion_length(cfg) + 4, temperature=temperature, seed=seed
+    )
+    return sum(score(p, c, e) for p, (c, e) in zip(prompts, outs, strict=True)) / len(prompts)
+
+
+# --- the value's true features (for the critic probe) --------------------------------------------------------------
+
+
+def true_features(prompts: list[str], tokens: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Per completion token t (the state before it): a wrong step already written (0/1), the step index, and the
+    risky steps whose result is not written yet. `tokens`: each completion's token strings, padded to one length."""
+    N, T = len(tokens), len(tokens[0])
+    wrong_before, step, risky_left = (torch.zeros(N, T, dtype=torch.long) for _ in range(3))
+    for n in range(N):  # a diagnostic on a few thousand rollouts, not a hot path
+        start, ops = parse_prompt(prompts[n])
+        risky = [op in BUGS for op in ops]
+        text, wrong, k, written = "", False, 0, 0  # written: step results written so far
+        for t, token in enumerate(tokens[n]):
+            wrong_before[n, t], step[n, t] = int(wrong), k
+            risky_left[n, t] = sum(risky[written:])
+            text += token
+            if token == DELIMITER:
+                k += 1
+            steps = list(STEP.finditer(text))
+            if len(steps) > written and text.endswith(steps[-1].group(0)):
+                written = len(steps)
+                wrong = wrong or first_wrong_step(prompts[n], text) is not None
+    return {"wrong_before": wrong_before, "step": step, "risky_left": risky_left}
+
+
+# --- warm start ------------------------------------------------------------------------------------------------------
+
+
+def _sft_batch(tokenizer, rng: random.Random, cfg: TaskConfig, exclude: set[str]):
+    texts, prompt_len = [], None
+    for _ in range(cfg.sft_batch):
+        prompt, start, ops = make_prompt(rng, cfg.num_steps, cfg.risky_probs)
+        while prompt in exclude:
+            prompt, start, ops = make_prompt(rng, cfg.num_steps, cfg.risky_probs)
+        texts.append(prompt + trace(start, ops, rng, cfg))
+        prompt_len = len(prompt)  # one token per prompt character, the same for every prompt
+    ids = torch.tensor([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts])
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100  # loss on the answer only
+    return ids, labels
+
+
+def cache_key(cfg: TaskConfig, seed: int) -> str:
+    blob = json.dumps({"task": NAME, "cfg": asdict(cfg), "seed": seed, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def warm_start(cfg: TaskConfig, seed: int, cache_dir: str, log=print) -> str:
+    """Path of the warm-start policy (supervised on imperfect traces), trained once per (config, seed) and cached."""
+    path = os.path.join(cache_dir, f"warm_start_{NAME}_{cache_key(cfg, seed)}_s{seed}")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, cfg, seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    rng = random.Random(f"{NAME}-sft-{seed}")
+    exclude = set(held_out_prompts(cfg))
+    start = time.perf_counter()
+    for step in range(cfg.sft_steps):
+        ids, labels = _sft_batch(tokenizer, rng, cfg, exclude)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 250 == 0:
+            log(f"  warm start {NAME} s{seed}: step {step + 1}/{cfg.sft_steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)  # atomic: a half-written warm start is never picked up
+    return path
