@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -11,8 +10,9 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from ..core import PRESETS, SynAPOParams, params_from_preset
+from ._spelling import RENAMED_CONFIG_KEYWORDS, unknown_keyword_message
 
-__all__ = ["CRITIC_SCHEDULERS", "PRESET_FIELDS", "RENAMED_KEYWORDS", "SynAPOConfig"]
+__all__ = ["CRITIC_SCHEDULERS", "PRESET_FIELDS", "SynAPOConfig"]
 
 # Fields a preset sets: `None` here means "take the preset's value" (clip_ratio_* map to TRL's epsilon_*).
 PRESET_FIELDS = (
@@ -36,31 +36,6 @@ CRITIC_SCHEDULERS = (
     "polynomial",
     "inverse_sqrt",
 )
-
-# Keywords of the research write-up, legacy TRL (`PPOConfig` <= 0.11) or near-misses, and what to write instead.
-RENAMED_KEYWORDS = {
-    "batch_size": "per_device_train_batch_size (rows per device per step) or generation_batch_size",
-    "mini_batch_size": "per_device_train_batch_size (policy) and critic_mini_batch_size (critic)",
-    "num_mini_batches": "steps_per_generation",
-    "num_ppo_epochs": "ppo_epochs (= TRL's num_iterations)",
-    "vf_coef": "critic_learning_rate (the critic has its own optimizer: no shared loss coefficient)",
-    "cliprange": "epsilon (and epsilon_high for clip-higher)",
-    "kl_coef": "beta (TRL's KL coefficient)",
-    "init_kl_coef": "beta (TRL's KL coefficient)",
-    "lam": "gae_lambda (the actor's fixed lambda) or critic_lambda (the critic's targets)",
-    "response_length": "max_completion_length",
-    "total_episodes": "max_steps",
-    "whiten_rewards": "whiten_advantages",
-    "hvm_weight": "hvm_global_weight",
-    "value_model": "critic_model_name_or_path (or SynAPOTrainer(critic_model=...))",
-    "critic_model": "critic_model_name_or_path (or SynAPOTrainer(critic_model=...))",
-    "value_model_path": "critic_model_name_or_path",
-    "model_name": "SynAPOTrainer(model=...): the model is the trainer's argument",
-    "model_name_or_path": "SynAPOTrainer(model=...): the model is the trainer's argument",
-    "sft_model_path": "SynAPOTrainer(model=...): the model is the trainer's argument",
-    "reward_model_path": "SynAPOTrainer(reward_funcs=...): rewards are the trainer's argument",
-    "tokenizer": "SynAPOTrainer(tokenizer=...) or processing_class=...: the tokenizer is the trainer's argument",
-}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -214,14 +189,6 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
         return SynAPOParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SynAPOParams)})
 
 
-def _unknown_keyword_message(name: str) -> str:
-    if name in RENAMED_KEYWORDS:
-        return f"SynAPOConfig has no argument `{name}`: write {RENAMED_KEYWORDS[name]} instead"
-    close = difflib.get_close_matches(name, _INIT_FIELDS, n=3, cutoff=0.75)
-    hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else "see SynAPOConfig's docstring"
-    return f"SynAPOConfig has no argument `{name}`: {hint} (`python examples/trl_synapo.py --help` lists every option)"
-
-
 _INIT_FIELDS = frozenset(f.name for f in dataclasses.fields(SynAPOConfig) if f.init)
 _dataclass_init = SynAPOConfig.__init__
 
@@ -231,7 +198,7 @@ def _init_with_hints(self, *args, **kwargs):
     """The dataclass `__init__`, with an unknown keyword refused by a message saying what to write instead."""
     for name in kwargs:
         if name not in _INIT_FIELDS:
-            raise TypeError(_unknown_keyword_message(name))
+            raise TypeError(unknown_keyword_message("SynAPOConfig", name, _INIT_FIELDS, RENAMED_CONFIG_KEYWORDS))
     _dataclass_init(self, *args, **kwargs)
 
 

@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -17,11 +18,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 __all__ = [
     "IncompleteCheckpointError",
     "build_critic",
     "check_critic_state",
+    "check_resumable",
     "critic_values",
     "load_critic_state",
     "save_critic_state",
@@ -208,6 +211,38 @@ def _read_weights(critic_dir: str, device: str) -> dict[str, torch.Tensor]:
     for shard in shards:
         state_dict.update(load_file(os.path.join(critic_dir, shard), device=device))
     return state_dict
+
+
+def check_resumable(checkpoint: str) -> None:
+    """Raise `IncompleteCheckpointError` unless `checkpoint`'s critic part is complete, naming the last complete
+    checkpoint in the same folder."""
+    try:
+        check_critic_state(checkpoint)
+    except IncompleteCheckpointError as err:
+        parent = os.path.dirname(os.path.normpath(checkpoint))
+        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+        steps = sorted(
+            (int(m.group(1)), name) for name in os.listdir(parent) if (m := pattern.match(name)) is not None
+        )
+        complete = [os.path.join(parent, name) for _, name in steps if _is_complete(os.path.join(parent, name))]
+        hint = (
+            f"resume from {complete[-1]}, the last complete checkpoint (resume_from_checkpoint={complete[-1]!r}), "
+            f"after deleting {checkpoint}"
+            if complete
+            else "no complete checkpoint is left in that folder: start again without resume_from_checkpoint"
+        )
+        raise IncompleteCheckpointError(
+            f"cannot resume from {checkpoint}: {err}. Its save was interrupted, so resuming would restart the critic "
+            f"(warm-up, Adam state, counters) silently; {hint}"
+        ) from err
+
+
+def _is_complete(checkpoint: str) -> bool:
+    try:
+        check_critic_state(checkpoint)
+    except IncompleteCheckpointError:
+        return False
+    return True
 
 
 def _write_json(path: str, obj) -> None:

@@ -7,12 +7,10 @@ References: SPEC (../shared/SPEC.md); VAPO, arXiv 2504.05118; TRL issue #4525 (c
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import logging
 import math
 import os
-import re
 from collections import defaultdict
 
 import torch
@@ -23,16 +21,10 @@ from trl import GRPOTrainer
 from ..core import boundary_table_from_tokenizer, compute_synapo_advantages, scvl_group_stats
 from ..core.warmup import ValueWarmupRule
 from ._compat import check_hooks, check_old_logps_condition, check_rollout_output, trl_runs_old_logps
+from ._spelling import RENAMED_TRAINER_KEYWORDS, one_of, unknown_keyword_message
 from .config import SynAPOConfig
-from .critic import (
-    IncompleteCheckpointError,
-    build_critic,
-    check_critic_state,
-    critic_values,
-    load_critic_state,
-    save_critic_state,
-)
-from .update import CriticBatch, scvl_sides, update_critic
+from .critic import build_critic, check_resumable, critic_values, load_critic_state, save_critic_state
+from .update import CriticBatch, critic_health, scvl_sides, update_critic
 
 __all__ = ["SynAPOTrainer"]
 
@@ -41,15 +33,7 @@ logger = logging.getLogger(__name__)
 check_hooks(GRPOTrainer)  # the private methods wrapped below (synapo_ext/trl/_compat.py states each assumption)
 check_old_logps_condition(GRPOTrainer)
 
-_GRPO_PARAMETERS = tuple(inspect.signature(GRPOTrainer.__init__).parameters)[1:]
-# Keywords of the research write-up, legacy TRL (`PPOTrainer` <= 0.11) or near-misses, and what to write instead.
-RENAMED_TRAINER_KEYWORDS = {
-    "ref_model": "nothing: TRL keeps its own reference model (set `beta` > 0 in SynAPOConfig for a KL penalty)",
-    "reward_model": "reward_funcs=[reward_model] (a model, a hub id or a function)",
-    "value_model": "critic_model=...",
-    "data_collator": "nothing: GRPO batches the dataset's `prompt` column itself",
-    "optimizer": "optimizers=(optimizer, lr_scheduler)",
-}
+TRAINER_PARAMETERS = (*inspect.signature(GRPOTrainer.__init__).parameters, "critic_model", "config", "tokenizer")[1:]
 
 
 _EV_NOTE = (
@@ -108,10 +92,16 @@ class SynAPOTrainer(GRPOTrainer):
         **kwargs,
     ):
         for name in kwargs:
-            if name not in _GRPO_PARAMETERS:
-                raise TypeError(_unknown_keyword_message(name))
-        args = _one_of("args", args, "config", config)
-        processing_class = _one_of("processing_class", processing_class, "tokenizer", tokenizer)
+            if name not in TRAINER_PARAMETERS:
+                config_fields = {f.name: f"it is a SynAPOConfig field: pass SynAPOConfig({f.name}=...) as `args`"
+                                 for f in dataclasses.fields(SynAPOConfig)}  # fmt: skip
+                raise TypeError(
+                    unknown_keyword_message(
+                        "SynAPOTrainer", name, TRAINER_PARAMETERS, RENAMED_TRAINER_KEYWORDS, config_fields
+                    )
+                )
+        args = one_of("args", args, "config", config)
+        processing_class = one_of("processing_class", processing_class, "tokenizer", tokenizer)
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SynAPOConfig(f"{name.split('/')[-1]}-SynAPO")
@@ -419,7 +409,7 @@ class SynAPOTrainer(GRPOTrainer):
                 completion_ids, mask, valid, all_scores, all_scored, values[..., 0], offset, num_generations
             )
             means.update(scvl_metrics)
-        means.update(self._explained_variance(batch.returns, values[..., 0], critic_mask))
+        means.update(critic_health(batch.returns, values[..., 0], critic_mask))
         generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
         means.update(
             update_critic(
@@ -491,25 +481,6 @@ class SynAPOTrainer(GRPOTrainer):
             "synapo/scvl/groups_skipped": float(stats["groups"] - stats["groups_mixed"]) / scope_world,
         }
         return sides, n_pairs / scope_world, metrics
-
-    @staticmethod
-    def _explained_variance(returns, values, mask):
-        """Held-out critic numbers on a fresh rollout batch (the critic has not trained on it yet): explained
-        variance 1 - Var(G - V) / Var(G) and the value loss 0.5 * mean (V - G)^2 over `mask`'s tokens (head 0: the
-        single head, or HVM's local head). Near-constant returns make Var(G) tiny and the explained variance very
-        negative without saying much (see `_EV_NOTE`)."""
-        m = mask.bool()
-        if not m.any():
-            return {}
-        target, residual = returns[m].double(), (returns - values)[m].double()
-        var = target.var() if target.numel() > 1 else torch.zeros((), dtype=torch.float64)
-        ev = 1.0 - residual.var() / var if var > 0 else torch.zeros((), dtype=torch.float64)
-        return {
-            "critic/explained_variance": float(ev),
-            "critic/heldout_vf_loss": float(0.5 * residual.square().mean()),
-            "critic/values_mean": float(values[m].mean()),
-            "critic/returns_mean": float(target.mean()),
-        }
 
     def _reduce_metrics(self, means: dict[str, float], totals: dict[str, float] | None = None) -> dict[str, float]:
         """`means` averaged over processes, `totals` summed (names may differ between ranks: a missing one is NaN
@@ -599,7 +570,7 @@ class SynAPOTrainer(GRPOTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: TRL's own error
         if isinstance(resume_from_checkpoint, str):
-            _check_resumable(resume_from_checkpoint)
+            check_resumable(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -610,58 +581,6 @@ class SynAPOTrainer(GRPOTrainer):
             self._warmup_finished = True  # a checkpoint comes after a training step, so after the warm-up
             self._warmup_stop_reason = counters.get("warmup_stop_reason")
             self._critic_updates = counters["critic_updates"]
-
-
-def _check_resumable(checkpoint: str) -> None:
-    """Raise `IncompleteCheckpointError` unless `checkpoint`'s critic part is complete, naming the last complete
-    checkpoint in the same folder."""
-    try:
-        check_critic_state(checkpoint)
-    except IncompleteCheckpointError as err:
-        parent = os.path.dirname(os.path.normpath(checkpoint))
-        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-        steps = sorted(
-            (int(m.group(1)), name) for name in os.listdir(parent) if (m := pattern.match(name)) is not None
-        )
-        complete = [os.path.join(parent, name) for _, name in steps if _is_complete(os.path.join(parent, name))]
-        hint = (
-            f"resume from {complete[-1]}, the last complete checkpoint (resume_from_checkpoint={complete[-1]!r}), "
-            f"after deleting {checkpoint}"
-            if complete
-            else "no complete checkpoint is left in that folder: start again without resume_from_checkpoint"
-        )
-        raise IncompleteCheckpointError(
-            f"cannot resume from {checkpoint}: {err}. Its save was interrupted, so resuming would restart the critic "
-            f"(warm-up, Adam state, counters) silently; {hint}"
-        ) from err
-
-
-def _is_complete(checkpoint: str) -> bool:
-    try:
-        check_critic_state(checkpoint)
-    except IncompleteCheckpointError:
-        return False
-    return True
-
-
-def _one_of(name: str, value, alias: str, alias_value):
-    """`value`, or the write-up's `alias` for it; both given (and different) is an error."""
-    if alias_value is None:
-        return value
-    if value is not None and value is not alias_value:
-        raise TypeError(f"pass either `{name}` or `{alias}` (the write-up's name for it), not both")
-    return alias_value
-
-
-def _unknown_keyword_message(name: str) -> str:
-    if name in RENAMED_TRAINER_KEYWORDS:
-        return f"SynAPOTrainer has no argument `{name}`: write {RENAMED_TRAINER_KEYWORDS[name]} instead"
-    if name in {f.name for f in dataclasses.fields(SynAPOConfig)} or name == "ppo_epochs":
-        return f"`{name}` is a SynAPOConfig field: pass SynAPOConfig({name}=...) as `args` (or `config`)"
-    known = [*_GRPO_PARAMETERS, "critic_model", "config", "tokenizer"]
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
-    hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else f"its arguments are {known}"
-    return f"SynAPOTrainer has no argument `{name}`: {hint}"
 
 
 def _gather_names(accelerator, values: dict[str, float]) -> set[str]:

@@ -20,7 +20,7 @@ from torch import nn
 from ..core import SynAPOParams, hvm_critic_loss, scvl_pair_values, scvl_pairs, scvl_split_loss, value_loss
 from .critic import critic_values
 
-__all__ = ["CriticBatch", "SCVLSides", "scvl_sides", "update_critic"]
+__all__ = ["CriticBatch", "SCVLSides", "critic_health", "scvl_sides", "update_critic"]
 
 
 @dataclass
@@ -90,6 +90,25 @@ def scvl_sides(
         num_pairs=n_pairs / world_size,
     )
     return sides, n_pairs
+
+
+def critic_health(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Held-out critic numbers on a fresh rollout batch (the critic has not trained on it yet): explained
+    variance 1 - Var(G - V) / Var(G) and the value loss 0.5 * mean (V - G)^2 over `mask`'s tokens (head 0: the
+    single head, or HVM's local head). Near-constant returns make Var(G) tiny and the explained variance very
+    negative without saying much. `returns`, `values`, `mask`: (B, T)."""
+    m = mask.bool()
+    if not m.any():
+        return {}
+    target, residual = returns[m].double(), (returns - values)[m].double()
+    var = target.var() if target.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    ev = 1.0 - residual.var() / var if var > 0 else torch.zeros((), dtype=torch.float64)
+    return {
+        "critic/explained_variance": float(ev),
+        "critic/heldout_vf_loss": float(0.5 * residual.square().mean()),
+        "critic/values_mean": float(values[m].mean()),
+        "critic/returns_mean": float(target.mean()),
+    }
 
 
 def _minibatch_loss(
