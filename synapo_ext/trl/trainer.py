@@ -130,6 +130,7 @@ class SynAPOTrainer(GRPOTrainer):
         self._warmup_done = 0  # warm-up rollout batches done
         self._warmup_finished = self.synapo.value_warmup_steps == 0
         self._warmup_stop_reason = None
+        self._ev_explained = False
         self._critic_updates = 0
         self._saving_checkpoint = False
         self._warmup_iterator = None
@@ -271,7 +272,7 @@ class SynAPOTrainer(GRPOTrainer):
                 logs["critic/heldout_vf_loss"],
                 logs["critic/explained_variance"],
                 decision.ev_mean,
-                _EV_NOTE if decision.ev_mean < -1 and self._warmup_done == 1 else "",
+                self._explain_ev_once(logs["critic/explained_variance"]),
             )
         if stop_reason is not None:
             logger.warning(
@@ -279,6 +280,13 @@ class SynAPOTrainer(GRPOTrainer):
                 self._warmup_done,
                 _STOP_REASONS[stop_reason],
             )
+
+    def _explain_ev_once(self, explained_variance: float) -> str:
+        """`_EV_NOTE` the first time the explained variance is below -1, else ""."""
+        if explained_variance >= -1 or self._ev_explained:
+            return ""
+        self._ev_explained = True
+        return _EV_NOTE
 
     def _next_warmup_batch(self):
         if self._warmup_iterator is None:
@@ -409,7 +417,7 @@ class SynAPOTrainer(GRPOTrainer):
                 completion_ids, mask, valid, all_scores, all_scored, values[..., 0], offset, num_generations
             )
             means.update(scvl_metrics)
-        means.update(critic_health(batch.returns, values[..., 0], critic_mask))
+        means.update(self._explained_variance(batch.returns, values[..., 0], critic_mask))
         generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
         means.update(
             update_critic(
@@ -481,6 +489,11 @@ class SynAPOTrainer(GRPOTrainer):
             "synapo/scvl/groups_skipped": float(stats["groups"] - stats["groups_mixed"]) / scope_world,
         }
         return sides, n_pairs / scope_world, metrics
+
+    @staticmethod
+    def _explained_variance(returns, values, mask) -> dict[str, float]:
+        """The critic's held-out numbers (`critic_health`); a method so benchmarks can add their own figures."""
+        return critic_health(returns, values, mask)
 
     def _reduce_metrics(self, means: dict[str, float], totals: dict[str, float] | None = None) -> dict[str, float]:
         """`means` averaged over processes, `totals` summed (names may differ between ranks: a missing one is NaN

@@ -35,6 +35,10 @@ def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, caplog):
     assert [line.split()[3] for line in progress] == ["1/2", "2/2"], lines
     assert any("done after 2 rollout batches (reached value_warmup_steps)" in line for line in lines), lines
     assert trainer._warmup_stop_reason == "cap"
+    # a strongly negative explained variance is explained once, where it is printed
+    trainer._ev_explained = False
+    assert "nearly constant" in trainer._explain_ev_once(-177.5)
+    assert trainer._explain_ev_once(-177.5) == "" and trainer._explain_ev_once(0.2) == ""
 
 
 @pytest.mark.parametrize(
