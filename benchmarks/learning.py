@@ -14,6 +14,15 @@ evaluated greedily (the main metric) every `eval_every` samples.
     python benchmarks/critic_probe.py                         # can a critic learn this task's values? (offline)
     python benchmarks/critic_sanity.py                        # the trainer's critic on a value the prompt decides
 
+The checked task (issue 13, `task_checked.py`: the same format, a few identifiable risky steps, reward only for an
+exactly right worked chain, so a critic can learn the values): VAPO/SynAPO methods start from VAPO's value
+pre-training with a stopping rule (`value_pretrain.py`), and an oracle arm replaces the critic by Monte-Carlo values
+at segment starts (`oracle_values.py`; `vapo-oracle`, `synapo-oracle`, on `--oracle_seeds` only):
+
+    python benchmarks/critic_probe.py --task checked          # the gate: can a critic learn this task's values?
+    python benchmarks/learning.py --task checked --jobs 1     # 9 methods x 5 seeds + oracle arm x 3 seeds
+    python benchmarks/learning.py --task checked --quick      # smoke check: grpo, synapo, synapo-oracle, 1 seed
+
 Each (method, seed) writes `<out>/runs/<method>_s<seed>.json` when it finishes; a rerun skips the runs whose file
 exists with the same setup, so an interrupted benchmark resumes where it stopped. Outputs: `<out>/learning.md`
 (table), `<out>/learning_curves.png`, `<out>/learning_credit.png` (per-token advantages, SynAPO beside PPO).
