@@ -7,7 +7,8 @@
 
 Each part is one flag and one small wrapper. A wrapper calls verl's original unchanged unless the run's
 `algorithm.adv_estimator` is `synapo` (or, on the workers, unless the rows / the critic's `hf_config` carry SynAPO's
-fields, which only a `synapo` run writes). Applying twice is a no-op; a verl other than `PINNED_VERL` is refused.
+fields, which only a `synapo` run writes). Applying twice is a no-op. Where each part patches verl is a table per
+supported verl version (`TARGETS`); any other verl is refused with the installed and the supported versions.
 Each patch is attached to its module's import (`_hooks.when_imported`), so a process that never imports the trainer
 or the engines never pays for importing them.
 
@@ -16,7 +17,8 @@ Flags and targets (verl 0.9.1):
     critic        `ppo.utils.need_critic` (+ its copies in main_ppo and the trainers): the critic on for synapo,
                   the preset written onto verl's keys (`synapo_ext.verl.config.prepare_config`).
     advantage     `ray_trainer.compute_advantage` (+ `v1.utils`) and V1 `PPOTrainer._compute_advantage`: values,
-                  entropy and token ids to the estimator; the critic's extra targets written back.
+                  entropy and token ids to the estimator; the critic's extra targets written back; the value
+                  warm-up's stopping rule, saved and restored with V1 `PPOTrainer._save/_load_checkpoint`.
     critic_loss   `v1.trainer_base.value_loss` (the critic's loss callable): HVM global head + SCVL hinge.
     value_engine  `EngineRegistry` (value_model, fsdp/fsdp2, cuda+nvidia, npu+huawei): two critic outputs.
     positive_lm   `losses.ppo_loss` (+ its copy in `engine_workers`): VAPO's positive-example LM loss.
@@ -28,34 +30,79 @@ import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from ._hooks import cancel_hooks, when_imported
 
-__all__ = ["PINNED_VERL", "apply_synapo_to_verl", "check_verl_version", "revert_synapo_to_verl"]
+__all__ = [
+    "PINNED_VERL",
+    "TARGETS",
+    "VerlTargets",
+    "apply_synapo_to_verl",
+    "check_verl_version",
+    "revert_synapo_to_verl",
+]
 
 logger = logging.getLogger(__name__)
 
-PINNED_VERL = "0.9.1"
+
+@dataclass(frozen=True)
+class VerlTargets:
+    """Where each part patches one verl version: module names (the attribute per part is fixed)."""
+
+    core_algos: str  # estimator: `ADV_ESTIMATOR_REGISTRY`
+    need_critic: tuple[str, ...]  # critic: every module that binds `need_critic`
+    compute_advantage: tuple[str, ...]  # advantage: every module that binds `compute_advantage`
+    trainer_base: str  # advantage + critic_loss: V1 `PPOTrainer` and its `value_loss` binding
+    engine: str  # value_engine: `EngineRegistry`
+    ppo_loss: tuple[str, ...]  # positive_lm: every module that binds `ppo_loss`
+
+    def modules(self) -> tuple[str, ...]:
+        """Every module a part patches."""
+        names = (self.core_algos, *self.need_critic, *self.compute_advantage, self.trainer_base, self.engine)
+        return tuple(dict.fromkeys((*names, *self.ppo_loss)))
+
+
+TARGETS: dict[str, VerlTargets] = {
+    "0.9.1": VerlTargets(
+        core_algos="verl.trainer.ppo.core_algos",
+        need_critic=(
+            "verl.trainer.ppo.utils",
+            "verl.trainer.main_ppo",
+            "verl.trainer.main_ppo_v0",
+            "verl.trainer.ppo.ray_trainer",
+            "verl.trainer.ppo.v1.trainer_base",
+        ),
+        compute_advantage=("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils"),
+        trainer_base="verl.trainer.ppo.v1.trainer_base",
+        engine="verl.workers.engine",
+        ppo_loss=("verl.workers.utils.losses", "verl.workers.engine_workers"),
+    ),
+}
+PINNED_VERL = "0.9.1"  # what `synapo-ext[verl]` installs; every version in TARGETS is tested
 ENGINE_KEYS = (("cuda", "nvidia"), ("npu", "huawei"))
+TRAINER_METHODS = ("_compute_advantage", "_save_checkpoint", "_load_checkpoint")
 
 # (module, attribute) -> verl's original, for every attribute we replaced (revert restores exactly these)
 _originals: dict[tuple[str, str], Any] = {}
 _engine_keys: list[tuple[str, str]] = []
 _estimator_registered = False
+_applied: VerlTargets | None = None  # the table `apply_synapo_to_verl` used (revert undoes the same modules)
 
 
 def check_verl_version() -> str:
-    """The installed verl version; `RuntimeError` unless it is `PINNED_VERL`."""
+    """The installed verl version; `RuntimeError` unless `TARGETS` has it."""
     try:
         version = importlib.metadata.version("verl")
     except importlib.metadata.PackageNotFoundError as exc:
         raise RuntimeError("synapo_ext's verl patches need verl, which is not installed") from exc
-    if version != PINNED_VERL:
+    if version not in TARGETS:
+        supported = ", ".join(f"verl=={v}" for v in TARGETS)
         raise RuntimeError(
-            f"synapo_ext's verl patches target verl=={PINNED_VERL} (file:line checked against it); found verl "
-            f"{version}. Install `synapo-ext[verl]` (pins verl=={PINNED_VERL}) or a synapo_ext release for {version}"
+            f"synapo_ext's verl patches support {supported} (each checked file by file); found verl {version}. "
+            f"Install `synapo-ext[verl]` (pins verl=={PINNED_VERL}) or a synapo_ext release for verl {version}"
         )
     return version
 
@@ -72,10 +119,6 @@ def _replace(module: ModuleType, attr: str, make: Callable[[Any], Any]) -> None:
         return
     _originals[key] = current
     setattr(module, attr, make(current))
-
-
-def _replace_with(value: Any) -> Callable[[Any], Any]:
-    return lambda _original: value
 
 
 def _on(name: str, attr: str, make: Callable[[Any], Any]) -> None:
@@ -130,12 +173,15 @@ def _wrap_need_critic(original: Any) -> Any:
 
 def _wrap_trainer_class(trainer_base: ModuleType) -> None:
     from synapo_ext.verl.trainer import wrap_v1_compute_advantage
+    from synapo_ext.verl.warmup import wrap_load_checkpoint, wrap_save_checkpoint
 
     cls = trainer_base.PPOTrainer
-    current = cls.__dict__["_compute_advantage"]
-    if getattr(current, "__synapo_wraps__", None) is None:
-        _originals[(f"{trainer_base.__name__}.PPOTrainer", "_compute_advantage")] = current
-        cls._compute_advantage = wrap_v1_compute_advantage(current)
+    wraps = (wrap_v1_compute_advantage, wrap_save_checkpoint, wrap_load_checkpoint)
+    for attr, wrap in zip(TRAINER_METHODS, wraps, strict=True):
+        current = cls.__dict__[attr]
+        if getattr(current, "__synapo_wraps__", None) is None:
+            _originals[(f"{trainer_base.__name__}.PPOTrainer", attr)] = current
+            setattr(cls, attr, wrap(current))
 
 
 def apply_synapo_to_verl(
@@ -150,19 +196,14 @@ def apply_synapo_to_verl(
     """Install SynAPO into verl (see the module table); each flag turns one part on. Idempotent.
 
     Raises:
-        RuntimeError: verl is missing or is not `PINNED_VERL`.
+        RuntimeError: verl is missing or its version is not in `TARGETS`.
     """
-    check_verl_version()
+    global _applied
+    targets = _applied = TARGETS[check_verl_version()]
     if estimator:
-        when_imported("verl.trainer.ppo.core_algos", _register_estimator)
+        when_imported(targets.core_algos, _register_estimator)
     if critic:
-        for name in (
-            "verl.trainer.ppo.utils",
-            "verl.trainer.main_ppo",
-            "verl.trainer.main_ppo_v0",
-            "verl.trainer.ppo.ray_trainer",
-            "verl.trainer.ppo.v1.trainer_base",
-        ):
+        for name in targets.need_critic:
             _on(name, "need_critic", _wrap_need_critic)
         main = sys.modules.get("__main__")
         if main is not None and hasattr(main, "need_critic"):
@@ -170,17 +211,17 @@ def apply_synapo_to_verl(
     if advantage:
         from synapo_ext.verl.estimator import wrap_compute_advantage
 
-        for name in ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils"):
+        for name in targets.compute_advantage:
             _on(name, "compute_advantage", wrap_compute_advantage)
-        when_imported("verl.trainer.ppo.v1.trainer_base", _wrap_trainer_class)
+        when_imported(targets.trainer_base, _wrap_trainer_class)
     if critic_loss:
-        _on("verl.trainer.ppo.v1.trainer_base", "value_loss", _synapo_value_loss)
+        _on(targets.trainer_base, "value_loss", _synapo_value_loss)
     if value_engine:
-        when_imported("verl.workers.engine", _register_engine)
+        when_imported(targets.engine, _register_engine)
     if positive_lm:
         from synapo_ext.verl.actor import wrap_ppo_loss
 
-        for name in ("verl.workers.utils.losses", "verl.workers.engine_workers"):
+        for name in targets.ppo_loss:
             _on(name, "ppo_loss", wrap_ppo_loss)
 
 
@@ -201,14 +242,15 @@ def revert_synapo_to_verl() -> None:
         elif name in sys.modules:
             setattr(sys.modules[name], attr, original)
         del _originals[(name, attr)]
-    if _estimator_registered and "verl.trainer.ppo.core_algos" in sys.modules:
-        registry = sys.modules["verl.trainer.ppo.core_algos"].ADV_ESTIMATOR_REGISTRY
+    targets = _applied or TARGETS[PINNED_VERL]
+    if _estimator_registered and targets.core_algos in sys.modules:
+        registry = sys.modules[targets.core_algos].ADV_ESTIMATOR_REGISTRY
         fn = registry.get("synapo")
         if fn is not None and fn.__module__ == "synapo_ext.verl.estimator":
             del registry["synapo"]
         _estimator_registered = False
-    if _engine_keys and "verl.workers.engine" in sys.modules:
-        registry = sys.modules["verl.workers.engine"].EngineRegistry._engines["value_model"]
+    if _engine_keys and targets.engine in sys.modules:
+        registry = sys.modules[targets.engine].EngineRegistry._engines["value_model"]
         for backend, device, vendor in _engine_keys:
             registry.get(backend, {}).pop((device, vendor), None)
         _engine_keys.clear()

@@ -118,6 +118,23 @@ class ValueWarmupRule:
             reason = "cap"
         return WarmupDecision(self.step, reason is not None, reason, ev_mean, loss_mean)
 
+    def state_dict(self) -> dict:
+        """The rule's progress as plain JSON-able data (for a host's checkpoint)."""
+        return {
+            "step": self.step,
+            "evs": list(self._evs),
+            "losses": list(self._losses),
+            "best_loss": None if math.isinf(self._best_loss) else self._best_loss,
+            "since_best": self._since_best,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s progress (the settings stay this rule's own)."""
+        self.step, self._since_best = int(state["step"]), int(state["since_best"])
+        self._evs = deque((float(x) for x in state["evs"]), maxlen=self.window)
+        self._losses = deque((float(x) for x in state["losses"]), maxlen=self.window)
+        self._best_loss = math.inf if state["best_loss"] is None else float(state["best_loss"])
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

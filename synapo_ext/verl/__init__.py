@@ -5,10 +5,8 @@ Loaded as a verl plugin (`verl.plugins` entry point -> `synapo_ext.verl.plugin`)
 
     python -m verl.trainer.main_ppo ... algorithm.adv_estimator=synapo +algorithm.synapo.preset=vapo
 
-Importing `synapo_ext.verl` installs it too (for `VERL_USE_EXTERNAL_MODULES=synapo_ext.verl`). Parameters live under
-`+algorithm.synapo.*` (see `synapo_ext.core.SynAPOParams`); `synapo_ext.patches.verl` lists every patch.
+Importing this package or its modules changes nothing in verl; `synapo_ext.verl.plugin` (or
+`synapo_ext.patches.verl.apply_synapo_to_verl()`) installs it. Where entry points are off, set
+`VERL_USE_EXTERNAL_MODULES=synapo_ext.verl.plugin`. Parameters live under `+algorithm.synapo.*` (see
+`synapo_ext.core.SynAPOParams`); `synapo_ext.patches.verl` lists every patch.
 """
-
-from . import plugin
-
-__all__ = ["plugin"]

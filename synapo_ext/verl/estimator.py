@@ -36,12 +36,15 @@ class StepContext:
     extras: padded (B, T) tensors merged into the batch before the estimator runs (`entropy`, `responses`,
         `values_global`).
     result: the core's full output, for the trainer to write the critic's extra targets back.
+    live, values, response_mask: the rows the core saw (rows with a valid token), their rollout-time values and mask.
     """
 
     tokenizer: Any = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     result: SynAPOAdvantages | None = None
     live: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    response_mask: torch.Tensor | None = None
 
 
 _STEP: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("synapo_step", default=None)
@@ -147,6 +150,7 @@ def compute_synapo_advantage(
         group_ids=list(np.asarray(index, dtype=object)[live.numpy()]) if params.scvl_enabled else None,
     )
     ctx.result, ctx.live = result, live
+    ctx.values, ctx.response_mask = values[live], response_mask[live]
     advantages = torch.zeros_like(token_level_rewards, dtype=result.advantages.dtype)
     returns = torch.zeros_like(advantages)
     advantages[live] = result.advantages

@@ -2,8 +2,8 @@
 
 verl imports it in every process that imports `verl` (CLI, TaskRunner actor, workers) through the `verl.plugins`
 entry point in pyproject.toml. Where entry points are off (`VERL_USE_EXTERNAL_PLUGINS=none`), set
-`VERL_USE_EXTERNAL_MODULES=synapo_ext.verl` instead (on a cluster, also
-`+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=synapo_ext.verl`).
+`VERL_USE_EXTERNAL_MODULES=synapo_ext.verl.plugin` instead (on a cluster, also
+`+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=synapo_ext.verl.plugin`).
 
 verl swallows plugin errors at DEBUG level, so a failure here is logged at ERROR and the `synapo` estimator is
 registered as a stub that raises it: a `synapo` run fails with the reason; any other estimator is unaffected.

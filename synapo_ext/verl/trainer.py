@@ -30,6 +30,7 @@ from .fields import (
     START_MASK,
     TOKEN_FIELDS,
 )
+from .warmup import warmup_step
 
 __all__ = ["row_fields", "wrap_v1_compute_advantage"]
 
@@ -138,6 +139,7 @@ def wrap_v1_compute_advantage(original: Any) -> Any:
         if fields:
             batch = _put_and_check(tb.tq, batch, fields)
         metrics.update(ctx.result.metrics)
+        warmup_step(self, ctx, params, metrics)
         return batch
 
     _compute_advantage.__synapo_wraps__ = original

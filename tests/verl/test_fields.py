@@ -1,4 +1,4 @@
-"""The row fields as TransferQueue hands them over, a loud failure when they do not arrive, and imports in any order."""
+"""Row fields as TransferQueue hands them over, a loud failure when they do not arrive, imports in any order."""
 
 from __future__ import annotations
 

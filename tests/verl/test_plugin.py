@@ -47,7 +47,7 @@ def test_import_verl_registers_synapo_in_a_fresh_process():
 
 def test_external_modules_route_when_entry_points_are_off():
     assert probe(VERL_USE_EXTERNAL_PLUGINS="none") == "None"
-    assert probe(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="synapo_ext.verl") == (
+    assert probe(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="synapo_ext.verl.plugin") == (
         "synapo_ext.verl.estimator"
     )
 
@@ -75,27 +75,45 @@ def test_failed_install_is_loud_and_synapo_fails_clearly(monkeypatch, caplog):
 def test_wrong_verl_version_is_refused(monkeypatch):
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.0" if name == "verl" else real(name))
-    with pytest.raises(RuntimeError, match=r"verl==0\.9\.1.*found verl 0\.9\.0"):
+    with pytest.raises(RuntimeError, match=r"support verl==0\.9\.1 .*found verl 0\.9\.0"):
         patches.apply_synapo_to_verl()
 
 
-def _targets():
-    from verl.trainer.ppo import core_algos, ray_trainer
-    from verl.trainer.ppo import utils as ppo_utils
-    from verl.trainer.ppo.v1 import trainer_base
-    from verl.trainer.ppo.v1 import utils as v1_utils
-    from verl.workers import engine_workers
-    from verl.workers.engine import EngineRegistry
-    from verl.workers.utils import losses
+def test_importing_the_package_changes_nothing_in_verl():
+    """Only the plugin (or `apply_synapo_to_verl`) patches verl; importing the package's modules does not."""
+    code = (
+        "import sys, synapo_ext.verl, synapo_ext.verl.config, synapo_ext.verl.estimator, synapo_ext.verl.trainer\n"
+        "import synapo_ext.verl.critic, synapo_ext.verl.actor, synapo_ext.verl.engine, synapo_ext.verl.warmup\n"
+        "from synapo_ext.patches import _hooks\n"
+        "from verl.trainer.ppo import core_algos\n"
+        "assert 'synapo' not in core_algos.ADV_ESTIMATOR_REGISTRY\n"
+        "assert not _hooks._pending, _hooks._pending\n"
+    )
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
+
+def _targets():
+    """Every patched attribute, walked from the version table `patches.TARGETS` (importing each module)."""
+    import importlib
+
+    targets = patches.TARGETS[patches.check_verl_version()]
+    for name in targets.modules():
+        importlib.import_module(name)
+
+    def bound(names, attr):
+        return tuple(getattr(importlib.import_module(n), attr) for n in names if n in sys.modules)
+
+    trainer_cls = importlib.import_module(targets.trainer_base).PPOTrainer
     return {
-        "need_critic": (ppo_utils.need_critic, trainer_base.need_critic, ray_trainer.need_critic),
-        "compute_advantage": (ray_trainer.compute_advantage, v1_utils.compute_advantage),
-        "_compute_advantage": trainer_base.PPOTrainer.__dict__["_compute_advantage"],
-        "value_loss": trainer_base.value_loss,
-        "ppo_loss": (losses.ppo_loss, engine_workers.ppo_loss),
-        "estimator": core_algos.ADV_ESTIMATOR_REGISTRY.get("synapo"),
-        "engines": dict(EngineRegistry._engines["value_model"]["fsdp2"]),
+        "need_critic": bound(targets.need_critic, "need_critic"),
+        "compute_advantage": bound(targets.compute_advantage, "compute_advantage"),
+        "trainer": tuple(trainer_cls.__dict__[m] for m in patches.TRAINER_METHODS),
+        "value_loss": importlib.import_module(targets.trainer_base).value_loss,
+        "ppo_loss": bound(targets.ppo_loss, "ppo_loss"),
+        "estimator": importlib.import_module(targets.core_algos).ADV_ESTIMATOR_REGISTRY.get("synapo"),
+        "engines": dict(importlib.import_module(targets.engine).EngineRegistry._engines["value_model"]["fsdp2"]),
     }
 
 
@@ -103,7 +121,9 @@ def test_apply_is_idempotent_and_revert_restores_stock_verl():
     _targets()  # import every target module, so every patch is live
     patched = _targets()
     assert patched["estimator"] is not None
-    assert all(getattr(f, "__synapo_wraps__", None) is not None for f in patched["need_critic"])
+    for key in ("need_critic", "compute_advantage", "trainer", "ppo_loss"):
+        assert patched[key] and all(getattr(f, "__synapo_wraps__", None) is not None for f in patched[key]), key
+    assert patched["value_loss"].__module__ == "synapo_ext.verl.critic"
     patches.apply_synapo_to_verl()  # again: nothing changes
     assert _targets() == patched
     patches.revert_synapo_to_verl()
@@ -111,9 +131,8 @@ def test_apply_is_idempotent_and_revert_restores_stock_verl():
         stock = _targets()
         assert stock["estimator"] is None
         assert stock["value_loss"].__module__ == "verl.workers.utils.losses"
-        for key in ("need_critic", "compute_advantage", "ppo_loss"):
+        for key in ("need_critic", "compute_advantage", "trainer", "ppo_loss"):
             assert all(getattr(f, "__synapo_wraps__", None) is None for f in stock[key]), key
-        assert getattr(stock["_compute_advantage"], "__synapo_wraps__", None) is None
         assert all(cls.__module__.startswith("verl.") for cls in stock["engines"].values())
         patches.revert_synapo_to_verl()  # twice: still stock
         assert _targets() == stock

@@ -58,14 +58,18 @@ def test_gae_control(assets, tmp_path):
 
 
 def test_synapo_no_hvm(assets, tmp_path):
-    """Row fields reach the critic in TransferQueue's nested layout (this preset crashed on them)."""
-    preset = ["+algorithm.synapo.preset=synapo-no-hvm", "+algorithm.synapo.value_warmup_steps=0"]
-    result = run("synapo", [*SYNAPO, *preset], assets=assets, root=str(tmp_path))
+    """Row fields reach the critic in TransferQueue's nested layout (this preset crashed on them); the value warm-up's
+    stopping rule ends a 50-step warm-up at step 1 (a target explained variance every critic meets)."""
+    preset = ["+algorithm.synapo.preset=synapo-no-hvm", "+algorithm.synapo.value_warmup_steps=50"]
+    rule = ["+algorithm.synapo.value_warmup_target_ev=-1e9", "+algorithm.synapo.value_warmup_window=1"]
+    result = run("synapo", [*SYNAPO, *preset, *rule], assets=assets, root=str(tmp_path))
     _ok(result)
     step = result.steps[1]
     _present(step, STEP_METRICS + EA_GAE + SCVL + LM)
     assert step[METRICS.scvl_pairs] > 0
     assert METRICS.global_loss not in step
+    assert step[METRICS.warmup_done] == 1.0
+    assert "synapo value warm-up 1/50" in result.log and "done (target_ev)" in result.log
 
 
 def _weights(path: str) -> dict[str, torch.Tensor]:
@@ -90,7 +94,8 @@ def test_synapo_warmup_checkpoint_resume(assets, tmp_path):
     assert sorted(a.steps) == [1, 2, 3]
     for step in (1, 2):  # warm-up: the critic learns, the actor does not move
         _present(a.steps[step], ("critic/vf_loss", *EA_GAE, *HVM, *SCVL))
-        assert "actor/pg_loss" not in a.steps[step]
+        assert "actor/pg_loss" not in a.steps[step] and a.steps[step][METRICS.warmup_done] == 0.0
+    assert a.steps[3][METRICS.warmup_done] == 1.0
     _present(a.steps[3], STEP_METRICS + EA_GAE + HVM + SCVL + LM)
     assert a.steps[3][METRICS.scvl_pairs] > 0 and a.steps[3][METRICS.segments_mean] > 1
 

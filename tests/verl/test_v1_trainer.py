@@ -25,7 +25,10 @@ pytestmark = pytest.mark.verl
 
 def make_trainer(algorithm, tokenizer) -> PPOTrainerSync:
     trainer = PPOTrainerSync.__new__(PPOTrainerSync)  # PPOTrainer is abstract; skip __init__ (no Ray)
-    trainer.config = OmegaConf.create({"algorithm": algorithm, "actor_rollout_ref": {"rollout": {"n": 4}}})
+    trainer.config = OmegaConf.create(
+        {"algorithm": algorithm, "actor_rollout_ref": {"rollout": {"n": 4}}, "trainer": {"critic_warmup": 0}}
+    )
+    trainer.global_steps = 1
     trainer.tokenizer = tokenizer
     return trainer
 
