@@ -95,9 +95,11 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
         gamma, gae_lambda, critic_lambda, whiten_advantages, length_adaptive_lambda, ea_gae_enabled, ea_gae_alpha,
         ea_gae_beta, ea_gae_lambda_min, ea_gae_lambda_max, hvm_enabled, hvm_global_lambda, hvm_global_weight,
         hvm_delimiters, hvm_min_len, hvm_max_len, hvm_fallback_len, scvl_enabled, scvl_threshold, scvl_margin,
-        scvl_weight, scvl_max_pairs, value_warmup_steps (rollout batches that train only the critic before the policy
-        moves), positive_lm_coef: as in the core. `clip_ratio_low` / `clip_ratio_high` are computed in runtime
-        from `epsilon` / `epsilon_high`.
+        scvl_weight, scvl_max_pairs, value_warmup_steps (at most this many rollout batches train only the critic
+        before the policy moves), value_warmup_target_ev, value_warmup_patience, value_warmup_min_delta,
+        value_warmup_window (the warm-up's stopping rule, `synapo_ext.core.warmup`), positive_lm_coef,
+        positive_lm_threshold: as in the core. `clip_ratio_low` / `clip_ratio_high` are computed in runtime from
+        `epsilon` / `epsilon_high`.
     """
 
     preset: str = field(default="synapo", metadata=_help(f"SynAPO preset, one of {sorted(PRESETS)}."))

@@ -57,7 +57,8 @@ class SynAPOTrainer(GRPOTrainer):
     - `_generate_and_score_completions`: after TRL's rollout, the critic's values, the rollout-time entropy and the
       rewards go through `compute_synapo_advantages` (EA-GAE, HVM, SCVL pairs); the critic then takes its own
       optimizer steps on the batch (prompt groups intact) and `output["advantages"]` becomes `(B, T)`. Before the first
-      rollout the critic alone trains for `value_warmup_steps` rollout batches (VAPO's value pretraining).
+      rollout the critic alone trains on rollout batches (VAPO's value pretraining) until `core.warmup`'s rule stops
+      it: `value_warmup_steps` is the cap, `value_warmup_target_ev` / `value_warmup_patience` end it earlier.
     - `_get_per_token_logps_and_entropies`: keeps the entropy of TRL's old-log-prob pass (no extra forward when TRL
       runs one) and the with-grad log-probs of the loss pass (for the positive-example LM loss).
     - `_calculate_rewards`: keeps the raw rewards (TRL's output holds only normalised advantages).
