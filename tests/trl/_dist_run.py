@@ -49,7 +49,10 @@ def main(out: str) -> None:
                 max_completion_length=12,
                 max_steps=2,
                 logging_steps=1,
-                value_warmup_steps=1,
+                value_warmup_steps=3,  # the plateau rule below stops it at 2 on every rank (same reduced numbers)
+                value_warmup_patience=1,
+                value_warmup_window=1,
+                value_warmup_min_delta=1.0,
                 critic_learning_rate=1e-2,
                 seed=0,
                 **layout,
@@ -72,6 +75,7 @@ def main(out: str) -> None:
             "critic_moved": digest(trainer.critic) != before,
             "policy": digest(trainer.model),
             "scvl_pairs": pairs,
+            "warmup": [trainer._warmup_done, trainer._warmup_stop_reason],
         }
         torch.distributed.barrier()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

@@ -36,5 +36,6 @@ def test_two_ranks_keep_one_critic(tmp_path):
         assert r0["critic"] == r1["critic"], f"{layout}: the critic differs across ranks"
         assert r0["policy"] == r1["policy"], f"{layout}: the policy differs across ranks"
         assert r0["scvl_pairs"] == r1["scvl_pairs"] and sum(r0["scvl_pairs"]) > 0, (layout, r0["scvl_pairs"])
+        assert r0["warmup"] == r1["warmup"] == [2, "plateau"], (layout, r0["warmup"], r1["warmup"])
     for rank in ranks:
         assert "num_generations" in rank["illegal"]["error"]
