@@ -36,13 +36,12 @@ class StepContext:
     extras: padded (B, T) tensors merged into the batch before the estimator runs (`entropy`, `responses`,
         `values_global`).
     result: the core's full output, for the trainer to write the critic's extra targets back.
-    live, values, response_mask: the rows the core saw (rows with a valid token), their rollout-time values and mask.
+    values, response_mask: the rollout-time values and the mask the core saw.
     """
 
     tokenizer: Any = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     result: SynAPOAdvantages | None = None
-    live: torch.Tensor | None = None
     values: torch.Tensor | None = None
     response_mask: torch.Tensor | None = None
 
@@ -108,8 +107,8 @@ def compute_synapo_advantage(
         boundary_table: bool `(vocab,)`; default: built from the trainer's tokenizer.
 
     Returns:
-        `(advantages, returns)`, each `(bs, response_length)`; rows with no valid token get zeros (verl's
-        padding samples). The core's full result is left in the active `StepContext`.
+        `(advantages, returns)`, each `(bs, response_length)`; rows with no valid token (verl's padding samples)
+        get zeros. The core's full result is left in the active `StepContext`.
     """
     if config is None or values is None:
         raise RuntimeError(
@@ -126,36 +125,27 @@ def compute_synapo_advantage(
         vocab = int(responses[response_mask.bool()].max()) + 1 if bool(response_mask.any()) else 0
         if vocab > boundary_table.numel():  # the model's embedding may be padded beyond the tokenizer
             boundary_table = torch.cat([boundary_table, boundary_table.new_zeros(vocab - boundary_table.numel())])
-    live = response_mask.sum(dim=-1) > 0  # verl pads batches with all-masked synthetic rows
     if params.scvl_enabled:
         if index is None:
             raise ValueError("SCVL needs the `uid` of each response (verl's non_tensor_batch['uid'])")
-        _check_groups(index, live)
+        _check_groups(index, response_mask.any(dim=-1))  # verl pads batches with all-masked rows: not a group
     if scores is None:
         scores = (token_level_rewards * response_mask).sum(dim=-1)
-
-    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[live]
-
+    # the core skips rows with no valid token (zeros there, no SCVL pair) and counts them
     result = compute_synapo_advantages(
         params,
-        rewards=token_level_rewards[live],
-        values=values[live],
-        response_mask=response_mask[live],
-        global_values=rows(values_global) if params.hvm_enabled else None,
-        entropy=rows(entropys) if params.ea_gae_enabled else None,
-        response_ids=rows(responses),
+        rewards=token_level_rewards,
+        values=values,
+        response_mask=response_mask,
+        global_values=values_global if params.hvm_enabled else None,
+        entropy=entropys if params.ea_gae_enabled else None,
+        response_ids=responses,
         boundary_table=boundary_table,
-        scores=scores[live].float(),
-        group_ids=list(np.asarray(index, dtype=object)[live.numpy()]) if params.scvl_enabled else None,
+        scores=scores.float(),
+        group_ids=list(np.asarray(index, dtype=object)) if params.scvl_enabled else None,
     )
-    ctx.result, ctx.live = result, live
-    ctx.values, ctx.response_mask = values[live], response_mask[live]
-    advantages = torch.zeros_like(token_level_rewards, dtype=result.advantages.dtype)
-    returns = torch.zeros_like(advantages)
-    advantages[live] = result.advantages
-    returns[live] = result.returns
-    return advantages, returns
+    ctx.result, ctx.values, ctx.response_mask = result, values, response_mask
+    return result.advantages, result.returns
 
 
 def wrap_compute_advantage(original: Any) -> Any:

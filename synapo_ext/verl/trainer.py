@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from synapo_ext.core import SynAPOAdvantages, SynAPOParams
+from synapo_ext.core import SCVLSides, SynAPOParams
 
 from .config import is_synapo, params_from_algorithm
 from .estimator import StepContext, step_context
@@ -37,45 +37,37 @@ __all__ = ["row_fields", "wrap_v1_compute_advantage"]
 logger = logging.getLogger(__name__)
 
 
-def _scvl_sides(result: SynAPOAdvantages, rows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Both sides of every SCVL pair, packed per row into (bs, K) (K = most sides any row has, >= 1)."""
-    pairs = result.scvl
-    side_rows = rows[torch.cat([pairs.pos_index, pairs.neg_index])]
-    diverge = torch.cat([pairs.diverge_index, pairs.diverge_index])
-    partner = torch.cat([result.scvl_neg_values, result.scvl_pos_values]).float()
-    sign = torch.cat([torch.ones_like(pairs.pos_index), -torch.ones_like(pairs.neg_index)]).float()
-    counts = torch.bincount(side_rows, minlength=batch_size)
-    order = torch.sort(side_rows, stable=True).indices
+def _pack_sides(sides: SCVLSides, batch_size: int) -> dict[str, torch.Tensor]:
+    """The core's SCVL pair sides (S,), packed per row into (bs, K) (K = most sides any row has, >= 1)."""
+    counts = torch.bincount(sides.rows, minlength=batch_size)
+    order = torch.sort(sides.rows, stable=True).indices
     first = torch.cumsum(counts, 0) - counts  # first side of each row in `order`
-    slot = torch.arange(order.numel()) - first[side_rows[order]]
+    rows = sides.rows[order]
+    slot = torch.arange(order.numel()) - first[rows]
     width = max(int(counts.max()) if counts.numel() else 0, 1)
     out = {
         SCVL_DIVERGE: torch.full((batch_size, width), -1, dtype=torch.long),
         SCVL_PARTNER: torch.zeros(batch_size, width),
         SCVL_SIGN: torch.zeros(batch_size, width),
     }
-    for key, src in zip(out, (diverge, partner, sign), strict=True):
-        out[key][side_rows[order], slot] = src[order].to(out[key].dtype)
+    out[SCVL_DIVERGE][rows, slot] = sides.diverge_index[order]
+    out[SCVL_PARTNER][rows, slot] = sides.partner_values[order].float()
+    out[SCVL_SIGN][rows, slot] = torch.where(sides.is_positive[order], 1.0, -1.0)
     return out
 
 
-def row_fields(ctx: StepContext, params: SynAPOParams, batch_size: int, width: int) -> dict[str, torch.Tensor]:
-    """The row fields of `synapo_ext.verl.fields`, padded to (bs, width) / (bs, K) / (bs,)."""
-    result, live = ctx.result, ctx.live
-    rows = torch.nonzero(live).squeeze(-1)
+def row_fields(ctx: StepContext, params: SynAPOParams) -> dict[str, torch.Tensor]:
+    """The row fields of `synapo_ext.verl.fields`: (bs, response_length) / (bs, K) / (bs,)."""
+    result = ctx.result
     out: dict[str, torch.Tensor] = {}
     if params.hvm_enabled:
-        for key, src in ((GLOBAL_RETURNS, result.global_returns), (START_MASK, result.start_mask)):
-            full = torch.zeros(batch_size, width)
-            full[rows] = src.float()
-            out[key] = full
+        out[GLOBAL_RETURNS] = result.global_returns.float()
+        out[START_MASK] = result.start_mask.float()
         out[GLOBAL_VALUES] = ctx.extras[GLOBAL_VALUES]  # response-only, in the dtype the critic stored
     if params.scvl_enabled:
-        out.update(_scvl_sides(result, rows, batch_size))
-    if params.positive_lm_coef > 0 and result.positive_lm_weights is not None:
-        weights = torch.zeros(batch_size)
-        weights[rows] = result.positive_lm_weights.float()
-        out[LM_WEIGHT] = weights
+        out.update(_pack_sides(result.scvl_sides, result.advantages.shape[0]))
+    if params.positive_lm_coef > 0:
+        out[LM_WEIGHT] = result.positive_lm_weights.float()
     return out
 
 
@@ -135,7 +127,7 @@ def wrap_v1_compute_advantage(original: Any) -> Any:
             batch = original(self, batch, metrics)
         if ctx.result is None:
             raise RuntimeError("synapo: verl's `_compute_advantage` did not call the synapo estimator")
-        fields = row_fields(ctx, params, len(batch), ctx.result.advantages.shape[1])
+        fields = row_fields(ctx, params)
         if fields:
             batch = _put_and_check(tb.tq, batch, fields)
         metrics.update(ctx.result.metrics)

@@ -144,9 +144,8 @@ def main(preset: str = "synapo", remove_padding: bool = False) -> dict:
             responses=batch["responses"], scores=batch["token_level_scores"].sum(-1),
         )  # fmt: skip
     params = params_from_algorithm(cfg.algorithm)
-    ctx.extras = {"values_global": values.get("values_global", torch.zeros(1)),
-                  "synapo_scores": batch["token_level_scores"].sum(-1)}  # fmt: skip
-    fields = row_fields(ctx, params, len(returns), returns.shape[1])
+    ctx.extras = {"values_global": values.get("values_global", torch.zeros(1))}
+    fields = row_fields(ctx, params)
     extra = {"values": values["values"], "returns": returns, **fields}
 
     # 3. one critic update through the engine with our loss (2 micro-batches, rows in a shuffled order)
