@@ -11,20 +11,19 @@ import inspect
 import logging
 import math
 import os
-from collections import defaultdict
 
 import torch
-from transformers import Trainer, get_scheduler
+from transformers import get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOTrainer
 
 from ..core import boundary_table_from_tokenizer, compute_synapo_advantages, scvl_group_stats
-from ..core.warmup import ValueWarmupRule
 from ._compat import check_hooks, check_old_logps_condition, check_rollout_output, trl_runs_old_logps
 from ._spelling import RENAMED_TRAINER_KEYWORDS, one_of, unknown_keyword_message
 from .config import SynAPOConfig
 from .critic import build_critic, check_resumable, critic_values, load_critic_state, save_critic_state
 from .update import CriticBatch, critic_health, scvl_sides, update_critic
+from .warmup import ValueWarmupMixin
 
 __all__ = ["SynAPOTrainer"]
 
@@ -36,19 +35,7 @@ check_old_logps_condition(GRPOTrainer)
 TRAINER_PARAMETERS = (*inspect.signature(GRPOTrainer.__init__).parameters, "critic_model", "config", "tokenizer")[1:]
 
 
-_EV_NOTE = (
-    " (explained variance far below 0: the returns are nearly constant, e.g. almost every reward equal, so their "
-    "variance is tiny and any error of the critic dwarfs it; it says the batch has little to explain, not that the "
-    "critic is broken)"
-)
-_STOP_REASONS = {
-    "cap": "reached value_warmup_steps",
-    "target_ev": "held-out explained variance reached value_warmup_target_ev",
-    "plateau": "held-out critic loss stopped improving (value_warmup_patience)",
-}
-
-
-class SynAPOTrainer(GRPOTrainer):
+class SynAPOTrainer(ValueWarmupMixin, GRPOTrainer):
     """GRPO's trainer with a learned critic: per-token `(B, T)` advantages from `synapo_ext.core` replace GRPO's
     group-normalised ones; everything else (generation, vLLM, reward functions, the clipped token-level policy loss,
     logging) is TRL's.
@@ -221,82 +208,6 @@ class SynAPOTrainer(GRPOTrainer):
         output = self._rollout(inputs)
         self._log_metrics(mode, *self._synapo_stage(output, mode))
         return output
-
-    def _value_warmup(self) -> None:
-        """VAPO's value pretraining: critic-only rollout batches until `ValueWarmupRule` stops them (at most
-        `value_warmup_steps`). Its metrics go to their own log entries (`warmup/...`, one per batch), not into the
-        first training step's; each batch is also a WARNING line (critic loss, explained variance)."""
-        rule = ValueWarmupRule.from_params(self.synapo)
-        cap = self.synapo.value_warmup_steps
-        while True:
-            trl_metrics, self._metrics["train"] = self._metrics["train"], defaultdict(list)
-            try:
-                means, totals = self._synapo_stage(self._rollout(self._next_warmup_batch()), "train")
-                logs = self._reduce_metrics(means, totals)
-                rollout_metrics = self._metrics["train"]  # TRL's reward / length metrics of this warm-up batch
-            finally:
-                self._metrics["train"] = trl_metrics
-            logs.update({name: sum(values) / len(values) for name, values in rollout_metrics.items() if values})
-            self._warmup_done += 1
-            if logs.get("synapo/batches_skipped", 0.0) > 0:  # nothing to learn from: counts towards the cap only
-                decision = None
-            else:
-                decision = rule.update(logs["critic/heldout_vf_loss"], logs["critic/explained_variance"])
-            stop = (decision is not None and decision.stop) or self._warmup_done >= cap
-            reason = decision.reason if decision is not None and decision.stop else "cap"
-            self._warmup_line(logs, decision, reason if stop else None)
-            if stop:
-                break
-        self._warmup_finished, self._warmup_stop_reason = True, reason
-
-    def _warmup_line(self, logs: dict[str, float], decision, stop_reason: str | None) -> None:
-        """Log one warm-up batch: a `warmup/...` log entry and a WARNING line (visible at the default verbosity)."""
-        cap = self.synapo.value_warmup_steps
-        entry = {f"warmup/{name}": value for name, value in logs.items()}
-        entry["warmup/step"] = float(self._warmup_done)
-        if decision is not None:
-            entry["warmup/explained_variance_window_mean"] = decision.ev_mean
-            entry["warmup/heldout_vf_loss_window_mean"] = decision.loss_mean
-        Trainer.log(self, entry)  # transformers' log: TRL's would fold in the training step's metrics
-        if not self.accelerator.is_main_process:
-            return
-        if decision is None:
-            logger.warning(
-                "SynAPO value warm-up %d/%d: skipped, no row had a valid token and a score", self._warmup_done, cap
-            )
-        else:
-            logger.warning(
-                "SynAPO value warm-up %d/%d (critic only): held-out critic loss %.4g, explained variance %.3f "
-                "(window mean %.3f)%s",
-                self._warmup_done,
-                cap,
-                logs["critic/heldout_vf_loss"],
-                logs["critic/explained_variance"],
-                decision.ev_mean,
-                self._explain_ev_once(logs["critic/explained_variance"]),
-            )
-        if stop_reason is not None:
-            logger.warning(
-                "SynAPO value warm-up done after %d rollout batches (%s); policy training starts",
-                self._warmup_done,
-                _STOP_REASONS[stop_reason],
-            )
-
-    def _explain_ev_once(self, explained_variance: float) -> str:
-        """`_EV_NOTE` the first time the explained variance is below -1, else ""."""
-        if explained_variance >= -1 or self._ev_explained:
-            return ""
-        self._ev_explained = True
-        return _EV_NOTE
-
-    def _next_warmup_batch(self):
-        if self._warmup_iterator is None:
-            self._warmup_iterator = iter(self.get_train_dataloader())
-        try:
-            return next(self._warmup_iterator)
-        except StopIteration:
-            self._warmup_iterator = iter(self.get_train_dataloader())
-            return next(self._warmup_iterator)
 
     def _rollout_entropy_for(self, output, input_ids, attention_mask, mode):
         """(B, T) rollout-policy entropy: from TRL's old-log-prob pass, or one extra no-grad forward."""

@@ -21,7 +21,7 @@ def _inputs(trainer, n_prompts=2):
 def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, caplog):
     trainer = make_trainer("vapo", value_warmup_steps=2)
     trainer.model.train()
-    with caplog.at_level(logging.WARNING, logger="synapo_ext.trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="synapo_ext.trl.warmup"):
         trainer._generate_and_score_completions(_inputs(trainer))
     # the step's own rollout only: one value each (the warm-up's two batches went to their own log entries)
     assert len(trainer._metrics["train"]["critic/vf_loss"]) == 1
