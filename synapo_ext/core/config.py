@@ -129,31 +129,49 @@ class SynAPOParams:
         # SynAPOParams' own annotations (strings): a subclass may widen a type, and argument parsers rewrite
         # `Field.type` in place (HfArgumentParser strips `| None`)
         for name, annotation in SynAPOParams.__annotations__.items():
-            _check_type(name, getattr(self, name), annotation)
+            try:
+                _check_type(name, getattr(self, name), annotation)
+            except (TypeError, ValueError) as exc:
+                exc.field = name
+                raise
         for name, (low, high) in _RANGES.items():
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
-                raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}")
+                raise _bad(ValueError, name, f"`{name}` must be in [{low}, {high}], got {value!r}")
         if not self.ea_gae_alpha > 0:
-            raise ValueError(f"`ea_gae_alpha` must be > 0, got {self.ea_gae_alpha!r}")
+            raise _bad(ValueError, "ea_gae_alpha", f"`ea_gae_alpha` must be > 0, got {self.ea_gae_alpha!r}")
         if not self.clip_ratio_low < 1:
-            raise ValueError(
-                f"`clip_ratio_low` must be < 1 (the ratio's lower clip is 1 - it), got {self.clip_ratio_low}"
+            raise _bad(
+                ValueError,
+                "clip_ratio_low",
+                f"`clip_ratio_low` must be < 1 (the ratio's lower clip is 1 - it), got {self.clip_ratio_low}",
             )
         if not self.ea_gae_lambda_min <= self.ea_gae_lambda_max:
-            raise ValueError(
+            raise _bad(
+                ValueError,
+                "ea_gae_lambda_min",
                 "need `ea_gae_lambda_min` <= `ea_gae_lambda_max`, "
-                f"got {self.ea_gae_lambda_min} and {self.ea_gae_lambda_max}"
+                f"got {self.ea_gae_lambda_min} and {self.ea_gae_lambda_max}",
             )
         if self.ea_gae_enabled and not self.length_adaptive_lambda:
-            raise ValueError("`ea_gae_enabled` needs `length_adaptive_lambda` (EA-GAE extends VAPO's lambda)")
+            raise _bad(
+                ValueError,
+                "ea_gae_enabled",
+                "`ea_gae_enabled` needs `length_adaptive_lambda` (EA-GAE extends VAPO's lambda)",
+            )
         if self.hvm_enabled and self.critic_lambda != 1.0:
-            raise ValueError(
+            raise _bad(
+                ValueError,
+                "critic_lambda",
                 f"`critic_lambda` must be 1.0 with HVM on (its targets are Monte-Carlo per level), "
-                f"got {self.critic_lambda}; set hvm_enabled=False to use another critic lambda"
+                f"got {self.critic_lambda}; set hvm_enabled=False to use another critic lambda",
             )
         if self.hvm_enabled and (not self.hvm_delimiters or not all(self.hvm_delimiters)):
-            raise ValueError(f"`hvm_delimiters` must be non-empty strings, got {self.hvm_delimiters!r}")
+            raise _bad(
+                ValueError,
+                "hvm_delimiters",
+                f"`hvm_delimiters` must be non-empty strings, got {self.hvm_delimiters!r}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +203,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "value_warmup_min_delta": (0.0, 1.0),
     "value_warmup_window": (1, _INF),
 }
+
+
+def _bad(kind: type[Exception], field: str, message: str) -> Exception:
+    """`kind(message)` that also names the offending field in `.field` (hosts map it to their own key)."""
+    exc = kind(message)
+    exc.field = field
+    return exc
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -242,7 +267,7 @@ def params_from_preset(preset: str = "synapo", **overrides: Any) -> SynAPOParams
         ValueError: unknown preset or parameter name (listing the valid ones), or an invalid value.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown SynAPO `preset` {preset!r}; choose one of {sorted(PRESETS)}")
+        raise _bad(ValueError, "preset", f"unknown SynAPO `preset` {preset!r}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in dataclasses.fields(SynAPOParams)}
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -83,14 +83,8 @@ def params_from_algorithm(algorithm: Any) -> SynAPOParams:
         raise ValueError(f"unknown SynAPO parameter {keys}; valid names: preset, {', '.join(sorted(names))}")
     try:
         return params_from_preset(preset, **raw)
-    except ValueError as exc:
-        key = "preset" if "preset" in str(exc) else _named_field(str(exc), names)
-        raise ValueError(f"`algorithm.synapo.{key}`: {exc}") from exc
-
-
-def _named_field(message: str, names: set[str]) -> str:
-    found = [n for n in names if f"`{n}`" in message]
-    return max(found, key=len) if found else "<parameter>"
+    except (TypeError, ValueError) as exc:  # the core names the field in `exc.field`
+        raise type(exc)(f"`algorithm.synapo.{getattr(exc, 'field', 'preset')}`: {exc}") from exc
 
 
 def params_to_json(params: SynAPOParams) -> str:

@@ -110,3 +110,26 @@ def test_bad_config_names_the_key(overrides, match):
     cfg = compose_cfg("algorithm.adv_estimator=synapo", *overrides)
     with pytest.raises(ValueError, match=match):
         main_ppo_validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,error",
+    [
+        ("+algorithm.synapo.hvm_enabled=no", TypeError),
+        ("+algorithm.synapo.ea_gae_alpha=abc", TypeError),
+        ("+algorithm.synapo.scvl_weight=nan", ValueError),
+        ("+algorithm.synapo.hvm_global_weight=inf", ValueError),
+        ("+algorithm.synapo.ea_gae_beta=-inf", ValueError),
+        ("+algorithm.synapo.clip_ratio_low=1.5", ValueError),
+        ("+algorithm.synapo.ea_gae_lambda_min=0.9", ValueError),  # with ea_gae_lambda_max=0.5
+    ],
+)
+def test_bad_synapo_value_is_refused_at_config_time(override, error):
+    """verl's config is checked before any rollout; the error names the `algorithm.synapo.<field>` key."""
+    key = override.split("=")[0].lstrip("+")
+    overrides = [override]
+    if "lambda_min" in override:
+        overrides.append("+algorithm.synapo.ea_gae_lambda_max=0.5")
+    cfg = compose_cfg("algorithm.adv_estimator=synapo", *overrides)
+    with pytest.raises(error, match=key.replace(".", r"\.")):
+        main_ppo_validate(cfg)
