@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType, SimpleNamespace
@@ -34,10 +35,22 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "numba")
-OPERATIONS = ("ea_gae_lambda", "gae", "whiten", "segment_ids", "hvm", "row_lengths", "divergence", "masked_stats")
+OPERATIONS = (
+    "ea_gae_lambda",
+    "gae",
+    "whiten",
+    "segment_ids",
+    "hvm",
+    "row_lengths",
+    "divergence",
+    "masked_stats",
+    "stage",
+)
 _choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("synapo_ext_backend", default=None)
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPERATIONS}
 _kernels: ModuleType | None = None  # the compiled kernel module, imported on first use
+_numba_unusable = False  # numba is installed but failed to import (auto then runs torch)
+_log = logging.getLogger(__name__)
 
 # Below this many tokens the serial kernels run: a thread pool would cost more than it saves, and its
 # spinning threads would compete with torch's for the cores in the middle of a training step.
@@ -102,17 +115,30 @@ def implementation(op: str, *tensors: torch.Tensor | None) -> Callable:
     on_cpu = all(t.device.type == "cpu" for t in present)
     if name == "numba" and not on_cpu:
         raise ValueError("the numba backend runs on CPU tensors only")
-    if name == "torch" or not on_cpu or "numba" not in impls or (name == "auto" and not numba_available()):
+    fallback = name == "auto" and (_numba_unusable or not numba_available())
+    if name == "torch" or not on_cpu or "numba" not in impls or fallback:
+        return impls["torch"]
+    try:
+        kernels = _load_kernels()
+    except ImportError:  # installed but unusable (e.g. a numpy it does not support): auto falls back to torch
+        if name == "numba":
+            raise
+        _log.warning("numba is installed but does not import: the core runs its pure-torch path", exc_info=True)
+        _mark_numba_unusable()
         return impls["torch"]
     large = max((t.numel() for t in present), default=0) >= PARALLEL_MIN_ELEMENTS
-    kernels = _load_kernels()
     return functools.partial(impls["numba"], kernels.PARALLEL if large else kernels.SERIAL)
+
+
+def _mark_numba_unusable() -> None:
+    global _numba_unusable
+    _numba_unusable = True
 
 
 def _load_kernels() -> ModuleType:
     global _kernels
     if _kernels is None:
-        from . import _numba_kernels
+        from . import _numba_kernels, _numba_stage  # noqa: F401 (_numba_stage adds the fused stage's kernels)
 
         _kernels = _numba_kernels
     return _kernels

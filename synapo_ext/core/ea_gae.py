@@ -14,9 +14,24 @@ import torch
 from . import backend
 from ._checks import check_finite, check_mask, check_same_shape, check_tensor, float_dtype
 
-__all__ = ["EA_GAE_EPS", "ea_gae_lambda"]
+__all__ = ["EA_GAE_EPS", "check_ea_gae_args", "ea_gae_lambda"]
 
 EA_GAE_EPS = 1e-6
+
+
+def check_ea_gae_args(
+    mask: torch.Tensor, entropy: object, *, alpha: float, lambda_min: float, lambda_max: float
+) -> torch.Tensor | None:
+    """`ea_gae_lambda`'s checks on a validated bool `mask`; returns `entropy` (or None)."""
+    if not alpha > 0:
+        raise ValueError(f"`alpha` must be > 0, got {alpha}")
+    if not 0.0 <= lambda_min <= lambda_max <= 1.0:
+        raise ValueError(f"need 0 <= `lambda_min` <= `lambda_max` <= 1, got {lambda_min} and {lambda_max}")
+    if entropy is not None:
+        entropy = check_tensor(entropy, "entropy", ndim=2)
+        check_same_shape(entropy, "entropy", mask.shape, "response_mask")
+        check_finite(entropy, "entropy")
+    return entropy
 
 
 def ea_gae_lambda(
@@ -44,14 +59,7 @@ def ea_gae_lambda(
         ValueError: alpha <= 0, a bad clip range, NaN/inf entropy, or a bad mask.
     """
     mask = check_mask(response_mask)
-    if not alpha > 0:
-        raise ValueError(f"`alpha` must be > 0, got {alpha}")
-    if not 0.0 <= lambda_min <= lambda_max <= 1.0:
-        raise ValueError(f"need 0 <= `lambda_min` <= `lambda_max` <= 1, got {lambda_min} and {lambda_max}")
-    if entropy is not None:
-        entropy = check_tensor(entropy, "entropy", ndim=2)
-        check_same_shape(entropy, "entropy", mask.shape, "response_mask")
-        check_finite(entropy, "entropy")
+    entropy = check_ea_gae_args(mask, entropy, alpha=alpha, lambda_min=lambda_min, lambda_max=lambda_max)
     dtype = float_dtype(entropy)
     ea_gae = backend.implementation("ea_gae_lambda", mask, entropy)
     return ea_gae(mask, entropy, alpha, beta, EA_GAE_EPS, lambda_min, lambda_max, dtype)

@@ -16,7 +16,7 @@ from ._checks import check_finite, check_mask, check_probability, check_same_sha
 from ._compact import Compactor
 from .scan import reverse_linear_scan
 
-__all__ = ["check_lambda", "compute_gae", "masked_whiten", "next_token_values"]
+__all__ = ["check_gae_args", "check_lambda", "compute_gae", "masked_whiten", "next_token_values"]
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,17 @@ def check_lambda(lam: float | torch.Tensor, name: str, shape: torch.Size, mask: 
     return lam
 
 
+def check_gae_args(rewards: object, values: object, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_gae`'s checks of `rewards` and `values` (on a validated bool `mask`)."""
+    rewards = check_tensor(rewards, "rewards", ndim=2)
+    values = check_tensor(values, "values", ndim=2)
+    check_same_shape(values, "values", rewards.shape, "rewards")
+    check_same_shape(mask, "response_mask", rewards.shape, "rewards")
+    check_finite(rewards, "rewards")
+    check_finite(values, "values")
+    return rewards, values
+
+
 def compute_gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -102,13 +113,8 @@ def compute_gae(
     Raises:
         TypeError, ValueError: naming the argument (shapes, NaN/inf, mask values, empty rows, ranges).
     """
-    rewards = check_tensor(rewards, "rewards", ndim=2)
-    values = check_tensor(values, "values", ndim=2)
-    check_same_shape(values, "values", rewards.shape, "rewards")
     mask = check_mask(response_mask)
-    check_same_shape(mask, "response_mask", rewards.shape, "rewards")
-    check_finite(rewards, "rewards")
-    check_finite(values, "values")
+    rewards, values = check_gae_args(rewards, values, mask)
     gamma = check_probability(gamma, "gamma")
     lam = check_lambda(lam, "lam", rewards.shape, mask)
 

@@ -24,7 +24,7 @@ from ._compact import Compactor
 from .gae import check_lambda, masked_whiten, next_token_values
 from .scan import reverse_linear_scan
 
-__all__ = ["HVMResult", "hvm_advantages", "segment_bounds"]
+__all__ = ["HVMResult", "check_hvm_args", "hvm_advantages", "segment_bounds"]
 
 
 class HVMResult(NamedTuple):
@@ -57,6 +57,21 @@ def _check_seg_ids(seg_ids: object, shape: torch.Size, mask: torch.Tensor) -> to
     if seg_ids.is_floating_point() or seg_ids.dtype == torch.bool:
         raise TypeError(f"`seg_ids` must be an integer tensor, got {seg_ids.dtype}")
     return seg_ids
+
+
+def check_hvm_args(
+    rewards: object, local_values: object, global_values: object, mask: torch.Tensor, *, global_weight: float
+) -> torch.Tensor:
+    """`hvm_advantages`'s checks of its tensors (on a validated bool `mask`) and `global_weight`; returns rewards."""
+    rewards = check_tensor(rewards, "rewards", ndim=2)
+    check_same_shape(mask, "response_mask", rewards.shape, "rewards")
+    for name, x in (("local_values", local_values), ("global_values", global_values)):
+        check_same_shape(check_tensor(x, name, ndim=2), name, rewards.shape, "rewards")
+        check_finite(x, name)
+    check_finite(rewards, "rewards")
+    if isinstance(global_weight, bool) or not isinstance(global_weight, (int, float)):
+        raise TypeError(f"`global_weight` must be a float, got {type(global_weight).__name__}")
+    return rewards
 
 
 def hvm_advantages(
@@ -93,19 +108,12 @@ def hvm_advantages(
     Raises:
         TypeError, ValueError: naming the argument.
     """
-    rewards = check_tensor(rewards, "rewards", ndim=2)
     mask = check_mask(response_mask)
-    check_same_shape(mask, "response_mask", rewards.shape, "rewards")
-    for name, x in (("local_values", local_values), ("global_values", global_values)):
-        check_same_shape(check_tensor(x, name, ndim=2), name, rewards.shape, "rewards")
-        check_finite(x, name)
-    check_finite(rewards, "rewards")
+    rewards = check_hvm_args(rewards, local_values, global_values, mask, global_weight=global_weight)
     seg_ids = _check_seg_ids(seg_ids, rewards.shape, mask)
     gamma = check_probability(gamma, "gamma")
     global_lam = check_probability(global_lam, "global_lam")
     lam = check_lambda(lam, "lam", rewards.shape, mask)
-    if isinstance(global_weight, bool) or not isinstance(global_weight, (int, float)):
-        raise TypeError(f"`global_weight` must be a float, got {type(global_weight).__name__}")
 
     dtype = float_dtype(rewards, local_values, global_values, lam if isinstance(lam, torch.Tensor) else None)
     hvm = backend.implementation("hvm", rewards, local_values, global_values)

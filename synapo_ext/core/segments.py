@@ -20,7 +20,7 @@ from . import backend
 from ._checks import check_ids, check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
 
-__all__ = ["boundary_table_from_tokenizer", "segment_ids"]
+__all__ = ["boundary_table_from_tokenizer", "check_segment_args", "segment_ids"]
 
 
 def boundary_table_from_tokenizer(
@@ -86,8 +86,28 @@ def segment_ids(
     Raises:
         TypeError, ValueError: naming the argument.
     """
-    response_ids = check_ids(response_ids, "response_ids").long()  # int64: uint8/int8/int16 cannot index a table
     mask = check_mask(response_mask)
+    response_ids, boundary_table = check_segment_args(
+        response_ids, mask, boundary_table, min_len=min_len, max_len=max_len, fallback_len=fallback_len
+    )
+    if response_ids.numel() == 0:  # B = 0 (a row with no token was refused by check_mask)
+        return torch.zeros(response_ids.shape, dtype=torch.long, device=response_ids.device)
+    response_ids = response_ids.long()  # int64: uint8/int8/int16 cannot index a table in torch
+    segment = backend.implementation("segment_ids", response_ids, mask)
+    return segment(response_ids, mask, boundary_table, min_len, max_len, fallback_len)
+
+
+def check_segment_args(
+    response_ids: object,
+    mask: torch.Tensor,
+    boundary_table: object,
+    *,
+    min_len: int,
+    max_len: int | None,
+    fallback_len: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`segment_ids`'s checks on a validated bool `mask`; returns (response_ids, boundary_table)."""
+    response_ids = check_ids(response_ids, "response_ids")
     check_same_shape(mask, "response_mask", response_ids.shape, "response_ids")
     boundary_table = check_tensor(boundary_table, "boundary_table", ndim=1)
     if boundary_table.dtype != torch.bool:
@@ -95,8 +115,8 @@ def segment_ids(
     for name, value in (("min_len", min_len), ("max_len", max_len), ("fallback_len", fallback_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    if response_ids.numel() == 0:  # B = 0 (a row with no token was refused by check_mask)
-        return torch.zeros(response_ids.shape, dtype=torch.long, device=response_ids.device)
+    if response_ids.numel() == 0:
+        return response_ids, boundary_table
     low, high = (int(x) for x in torch.aminmax(response_ids))
     if low < 0 or high >= boundary_table.numel():  # padding may hold anything: look at the valid ids only
         valid_ids = response_ids[mask]
@@ -105,9 +125,7 @@ def segment_ids(
         raise ValueError(
             f"`response_ids` holds ids in [{low}, {high}] but `boundary_table` covers [0, {boundary_table.numel()})"
         )
-
-    segment = backend.implementation("segment_ids", response_ids, mask)
-    return segment(response_ids, mask, boundary_table, min_len, max_len, fallback_len)
+    return response_ids, boundary_table
 
 
 @backend.register("segment_ids", "torch")

@@ -99,8 +99,8 @@ def test_stage_skips_and_counts_rows_with_no_token(backend, preset, mask_dtype, 
     params = params_from_preset(preset, ea_gae_alpha=0.2)
     padded, keep = _with_empty_rows(x, [0, 3, 4, 11], mask_dtype)
     with use_backend(backend):
-        expected = compute_synapo_advantages(params, **x)
-        out = compute_synapo_advantages(params, **padded)
+        expected = compute_synapo_advantages(params, **x, return_lam=True, return_seg_ids=True)
+        out = compute_synapo_advantages(params, **padded, return_lam=True, return_seg_ids=True)
     empty = torch.ones(out.advantages.shape[0], dtype=torch.bool)
     empty[keep] = False
     assert out.metrics.pop("synapo/rows_empty") == 4.0

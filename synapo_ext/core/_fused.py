@@ -1,0 +1,134 @@
+"""The advantage stage fused into one compiled pass per row (numba, CPU), registered as the `stage` operation.
+
+The pure-torch `stage` (stage.py) composes the public functions; this one runs `_numba_stage.py`'s kernels, which
+compute the actor's lambda, the segments, HVM (or the decoupled GAE) and the per-row sums for the metrics and the
+whitening in one pass per row, writing only the outputs asked for: no (B, T) lambda or int64 segment ids unless
+requested, start flags as bool, every fresh output on huge pages (`_alloc.empty`). Whitening is one more in-place
+pass. Inputs are validated by the same checks as the public functions, so errors name the same arguments.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from . import backend
+from ._alloc import empty
+from ._checks import float_dtype
+from .backend import as_numpy
+from .config import SynAPOParams
+from .ea_gae import EA_GAE_EPS, check_ea_gae_args
+from .gae import check_gae_args
+from .hvm import check_hvm_args
+from .metrics import METRICS
+from .segments import check_segment_args
+
+# columns of the kernels' per-row statistics (see _numba_stage.py, which numba imports lazily)
+N_VALID, LAM_SUM, LAM_MIN, LAM_MAX, ENTROPY_SUM, SEGMENTS, ADV_MEAN, ADV_M2 = range(8)
+STATS = 8
+
+
+def _array(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as float32/float64 (the kernels read either, computing in float64); bf16/fp16 are converted to dtype."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(dtype)
+
+
+@backend.register("stage", "numba")
+def numba_stage(
+    k: SimpleNamespace,
+    params: SynAPOParams,
+    mask: torch.Tensor,
+    boundary_table: torch.Tensor | None,
+    *,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    global_values: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    response_ids: torch.Tensor | None,
+    return_lam: bool,
+    return_seg_ids: bool,
+):
+    """`stage` on rows that each hold a valid token (bool `mask`, B > 0): see stage.py's torch `stage`."""
+    from .stage import SynAPOAdvantages, check_actor_lambda_inputs  # stage.py imports this module
+
+    B, T = mask.shape
+    adaptive = params.length_adaptive_lambda
+    use_entropy = adaptive and params.ea_gae_enabled
+    check_actor_lambda_inputs(params, entropy)
+    if use_entropy:
+        entropy = check_ea_gae_args(
+            mask, entropy, alpha=params.ea_gae_alpha, lambda_min=params.ea_gae_lambda_min,
+            lambda_max=params.ea_gae_lambda_max,
+        )  # fmt: skip
+    beta = params.ea_gae_beta if use_entropy else 0.0
+    lambda_min, lambda_max = (params.ea_gae_lambda_min, params.ea_gae_lambda_max) if adaptive else (0.0, 1.0)
+    if params.hvm_enabled:
+        ids, table = check_segment_args(
+            response_ids, mask, boundary_table, min_len=params.hvm_min_len, max_len=params.hvm_max_len,
+            fallback_len=params.hvm_fallback_len,
+        )  # fmt: skip
+        rewards = check_hvm_args(rewards, values, global_values, mask, global_weight=params.hvm_global_weight)
+        dtype = float_dtype(rewards, values, global_values, entropy if use_entropy else None)
+    else:
+        rewards, values = check_gae_args(rewards, values, mask)
+        dtype = float_dtype(rewards, values, entropy if use_entropy else None)
+
+    one = torch.zeros(1, 1, dtype=dtype)  # stands for an array a kernel does not read or write
+    ent = as_numpy(_array(entropy, dtype)) if use_entropy else as_numpy(one)
+    # the returned lambda has ea_gae_lambda's dtype (float32 unless the entropy is float64)
+    lam = empty((B, T), float_dtype(entropy if use_entropy else None)) if return_lam and adaptive else None
+    advantages, returns = empty((B, T), dtype), empty((B, T), dtype)
+    row_stats = torch.empty(B, STATS, dtype=torch.float64)
+    lam_args = (adaptive, float(params.gae_lambda), params.ea_gae_alpha, beta, EA_GAE_EPS, lambda_min, lambda_max)
+    whiten = params.whiten_advantages
+    global_returns = start_mask = seg_ids = None
+    if params.hvm_enabled:
+        global_returns, start_mask = empty((B, T), dtype), empty((B, T), torch.bool)
+        seg_ids = empty((B, T), torch.long) if return_seg_ids else None
+        k.stage_hvm_rows(
+            as_numpy(_array(rewards, dtype)), as_numpy(_array(values, dtype)), as_numpy(_array(global_values, dtype)),
+            as_numpy(mask), ent, use_entropy, as_numpy(ids), as_numpy(table), *lam_args,
+            params.hvm_min_len, params.hvm_max_len or 0, params.hvm_fallback_len or 0,
+            params.gamma, params.hvm_global_lambda, float(params.hvm_global_weight), whiten,
+            lam is not None, as_numpy(one if lam is None else lam),
+            seg_ids is not None, as_numpy(torch.zeros(1, 1, dtype=torch.long) if seg_ids is None else seg_ids),
+            as_numpy(advantages), as_numpy(returns), as_numpy(global_returns), as_numpy(start_mask),
+            as_numpy(row_stats),
+        )  # fmt: skip
+    else:
+        k.stage_gae_rows(
+            as_numpy(_array(rewards, dtype)), as_numpy(_array(values, dtype)), as_numpy(mask), ent, use_entropy,
+            *lam_args, params.gamma, params.critic_lambda, whiten, lam is not None,
+            as_numpy(one if lam is None else lam), as_numpy(advantages), as_numpy(returns), as_numpy(row_stats),
+        )  # fmt: skip
+    if whiten:
+        _whiten_in_place(k, advantages, row_stats)
+
+    metrics: dict[str, float] = {}
+    count = float(row_stats[:, N_VALID].sum())
+    if adaptive:
+        metrics[METRICS.lambda_mean] = float(row_stats[:, LAM_SUM].sum()) / count
+        metrics[METRICS.lambda_min] = float(row_stats[:, LAM_MIN].min())
+        metrics[METRICS.lambda_max] = float(row_stats[:, LAM_MAX].max())
+    if use_entropy:
+        metrics[METRICS.entropy_mean] = float(row_stats[:, ENTROPY_SUM].sum()) / count
+    if params.hvm_enabled:
+        metrics[METRICS.segments_mean] = float(row_stats[:, SEGMENTS].mean())
+    lam_out = lam if adaptive else params.gae_lambda
+    if adaptive and not return_lam:
+        lam_out = None
+    return SynAPOAdvantages(advantages, returns, lam_out, global_returns, start_mask, seg_ids, metrics=metrics)
+
+
+def _whiten_in_place(k: SimpleNamespace, advantages: torch.Tensor, row_stats: torch.Tensor) -> None:
+    """verl's masked_whiten from per-row (count, mean, centred sum of squares), combined in float64 (Chan et al.),
+    then one in-place pass: (A - mean) * rsqrt(var + 1e-8)."""
+    n = row_stats[:, N_VALID]
+    count = float(n.sum())
+    if count < 2:
+        raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
+    row_mean = row_stats[:, ADV_MEAN]
+    mean = float((n * row_mean).sum()) / count
+    m2 = float((row_stats[:, ADV_M2] + n * (row_mean - mean) ** 2).sum())
+    k.shift_scale(as_numpy(advantages), mean, (m2 / (count - 1) + 1e-8) ** -0.5)
