@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("trl")
 
+from trl import GRPOTrainer  # noqa: E402
+
 from synapo_ext.core import PRESETS  # noqa: E402
 from synapo_ext.trl import trainer as trainer_module  # noqa: E402
 
@@ -138,13 +140,13 @@ def test_rollout_entropy_comes_from_trl_old_logprob_pass(make_trainer, monkeypat
     trainer = make_trainer("synapo-no-hvm", **(overrides if trl_runs_old_logps else {}))
     trainer.model.train()
     calls = []
-    real = type(trainer).__mro__[1]._get_per_token_logps_and_entropies
+    real = GRPOTrainer._get_per_token_logps_and_entropies
 
     def spy(self, *args, **kwargs):
         calls.append(kwargs.get("compute_entropy", False))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(trainer).__mro__[1], "_get_per_token_logps_and_entropies", spy)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
     output = trainer._generate_and_score_completions(_inputs(trainer, n_prompts=2))
     assert calls == [True], calls  # exactly one policy forward, with entropy (TRL's own, or our extra one)
     assert ("old_per_token_logps" in output) == trl_runs_old_logps
