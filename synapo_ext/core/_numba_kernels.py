@@ -1,6 +1,6 @@
 """Compiled CPU kernels (numba): one pass per row over the (B, T) arrays, rows in parallel.
 
-Imported only by `backend.py`, and only when numba is installed (`pip install synapo-ext[fast]`); the
+Imported only by `backend.py`, and only when numba is installed (a default dependency); the
 kernels are called through `SERIAL` or `PARALLEL`.
 Each kernel is the plain per-token loop of a formula of docs/spec.md, run over the original layout: masked
 tokens carry the running quantities through unchanged (verl's carry rule), so interior zeros need

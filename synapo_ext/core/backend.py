@@ -76,7 +76,7 @@ def use_backend(name: str) -> Iterator[None]:
     if name not in BACKENDS:
         raise ValueError(f"`name` must be one of {BACKENDS}, got {name!r}")
     if name == "numba" and not numba_available():
-        raise ImportError("the numba backend needs numba: pip install 'synapo-ext[fast]'")
+        raise ImportError("the numba backend needs numba (a dependency of synapo-ext): pip install numba")
     token = _choice.set(name)
     try:
         yield

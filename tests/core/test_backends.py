@@ -12,7 +12,7 @@ import torch
 from synapo_ext.core import compute_gae, ea_gae_lambda, hvm_advantages, scvl_pairs, segment_ids
 from synapo_ext.core.backend import current_backend, numba_available, use_backend
 
-needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed (pip install synapo-ext[fast])")
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed (pip install numba)")
 
 
 def _case(seed: int):
