@@ -21,7 +21,8 @@ Flags and targets (verl 0.9.1):
                   warm-up's stopping rule, saved and restored with V1 `PPOTrainer._save/_load_checkpoint`.
     critic_loss   `v1.trainer_base.value_loss` (the critic's loss callable): HVM global head + SCVL hinge.
     value_engine  `EngineRegistry` (value_model, fsdp/fsdp2, cuda+nvidia, npu+huawei): two critic outputs.
-    positive_lm   `losses.ppo_loss` (+ its copy in `engine_workers`): VAPO's positive-example LM loss.
+    positive_lm   `losses.ppo_loss` (+ its copy in `engine_workers`): VAPO's positive-example LM loss, normalised
+                  by the correct responses' tokens that `FSDPEngine.forward_backward_batch` counts per mini-batch.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class VerlTargets:
     trainer_base: str  # advantage + critic_loss: V1 `PPOTrainer` and its `value_loss` binding
     engine: str  # value_engine: `EngineRegistry`
     ppo_loss: tuple[str, ...]  # positive_lm: every module that binds `ppo_loss`
+    fsdp_engine: str  # positive_lm: `FSDPEngine.forward_backward_batch` (counts the correct rows' tokens)
 
     def modules(self) -> tuple[str, ...]:
         """Every module a part patches."""
         names = (self.core_algos, *self.need_critic, *self.compute_advantage, self.trainer_base, self.engine)
-        return tuple(dict.fromkeys((*names, *self.ppo_loss)))
+        return tuple(dict.fromkeys((*names, *self.ppo_loss, self.fsdp_engine)))
 
 
 TARGETS: dict[str, VerlTargets] = {
@@ -79,6 +81,7 @@ TARGETS: dict[str, VerlTargets] = {
         trainer_base="verl.trainer.ppo.v1.trainer_base",
         engine="verl.workers.engine",
         ppo_loss=("verl.workers.utils.losses", "verl.workers.engine_workers"),
+        fsdp_engine="verl.workers.engine.fsdp.transformer_impl",
     ),
 }
 PINNED_VERL = "0.9.1"  # what `synapo-ext[verl]` installs; every version in TARGETS is tested
@@ -175,13 +178,23 @@ def _wrap_trainer_class(trainer_base: ModuleType) -> None:
     from synapo_ext.verl.trainer import wrap_v1_compute_advantage
     from synapo_ext.verl.warmup import wrap_load_checkpoint, wrap_save_checkpoint
 
-    cls = trainer_base.PPOTrainer
     wraps = (wrap_v1_compute_advantage, wrap_save_checkpoint, wrap_load_checkpoint)
     for attr, wrap in zip(TRAINER_METHODS, wraps, strict=True):
-        current = cls.__dict__[attr]
-        if getattr(current, "__synapo_wraps__", None) is None:
-            _originals[(f"{trainer_base.__name__}.PPOTrainer", attr)] = current
-            setattr(cls, attr, wrap(current))
+        _replace_method(trainer_base.PPOTrainer, attr, wrap)
+
+
+def _replace_method(cls: type, attr: str, wrap: Callable[[Any], Any]) -> None:
+    """`cls.attr = wrap(original)` unless it is already ours (idempotent; revert restores it)."""
+    current = cls.__dict__[attr]
+    if getattr(current, "__synapo_wraps__", None) is None:
+        _originals[(f"{cls.__module__}:{cls.__qualname__}", attr)] = current
+        setattr(cls, attr, wrap(current))
+
+
+def _wrap_fsdp_engine(transformer_impl: ModuleType) -> None:
+    from synapo_ext.verl.actor import wrap_forward_backward_batch
+
+    _replace_method(transformer_impl.FSDPEngine, "forward_backward_batch", wrap_forward_backward_batch)
 
 
 def apply_synapo_to_verl(
@@ -223,6 +236,7 @@ def apply_synapo_to_verl(
 
         for name in targets.ppo_loss:
             _on(name, "ppo_loss", wrap_ppo_loss)
+        when_imported(targets.fsdp_engine, _wrap_fsdp_engine)
 
 
 def _synapo_value_loss(_original: Any) -> Any:
@@ -237,8 +251,9 @@ def revert_synapo_to_verl() -> None:
     global _estimator_registered
     cancel_hooks(__name__)
     for (name, attr), original in list(_originals.items()):
-        if name.endswith(".PPOTrainer"):
-            setattr(sys.modules[name.rsplit(".", 1)[0]].PPOTrainer, attr, original)
+        if ":" in name:  # a class's method: "<module>:<class>"
+            module, cls = name.split(":")
+            setattr(getattr(sys.modules[module], cls), attr, original)
         elif name in sys.modules:
             setattr(sys.modules[name], attr, original)
         del _originals[(name, attr)]

@@ -11,7 +11,7 @@ from tensordict import TensorDict  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.utils import losses  # noqa: E402
 
-from synapo_ext.verl.actor import LM_WEIGHT, wrap_ppo_loss  # noqa: E402
+from synapo_ext.verl.actor import LM_TOKENS, LM_WEIGHT, wrap_forward_backward_batch, wrap_ppo_loss  # noqa: E402
 
 pytestmark = pytest.mark.verl
 
@@ -26,6 +26,8 @@ def micro_batch(weight: torch.Tensor | None):
         fields[LM_WEIGHT] = weight
     td = TensorDict(fields, batch_size=[B])
     tu.assign_non_tensor(td, dp_size=1, batch_num_tokens=int(response_mask.sum()))
+    if weight is not None:  # what the engine's count gives (tested below): the correct rows' response tokens
+        tu.assign_non_tensor(td, **{LM_TOKENS: float(response_mask[weight > 0].sum())})
     log_probs = -torch.arange(1.0, int(attention.sum()) + 1) / 10  # packed (total_nnz,), prompt + response
     return td, log_probs, response_mask
 
@@ -41,7 +43,7 @@ def test_positive_lm_term_on_weighted_rows_only():
     from verl.workers.utils.padding import no_padding_2_padding
 
     lp = no_padding_2_padding(log_probs, data)
-    expected = 0.5 - (lp * weight[:, None] * mask).sum() / mask.sum()
+    expected = 0.5 - (lp * weight[:, None] * mask).sum() / mask[weight > 0].sum()  # VAPO: mean over correct tokens
     torch.testing.assert_close(loss, expected)
     assert "actor/synapo/positive_lm_loss" in metrics
 
@@ -54,3 +56,31 @@ def test_no_weight_field_is_verl_unchanged():
 
 def test_installed_on_verl_losses():
     assert getattr(losses.ppo_loss, "__synapo_wraps__", None) is not None
+
+
+def test_missing_token_count_fails_loudly():
+    data, log_probs, _ = micro_batch(torch.tensor([0.1, 0.0, 0.1]))
+    del data[LM_TOKENS]
+    with pytest.raises(RuntimeError, match="did not count"):
+        wrap_ppo_loss(stock)(None, {"log_probs": log_probs}, data)
+
+
+def test_engine_counts_correct_tokens_of_the_mini_batch(monkeypatch):
+    """The count before verl's micro-batch split: correct rows' response tokens, nested mask as TransferQueue gives."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None, group=None: tensor)
+    monkeypatch.setattr("verl.utils.device.get_device_id", lambda: "cpu")
+    lengths = [4, 2, 3, 1]
+    mask = torch.nested.as_nested_tensor([torch.ones(n) for n in lengths], layout=torch.jagged)
+    weights = torch.nested.as_nested_tensor([torch.tensor([w]) for w in (0.1, 0.0, 0.1, 0.1)], layout=torch.jagged)
+    data = TensorDict({"response_mask": mask, LM_WEIGHT: weights}, batch_size=[4])
+    seen = {}
+
+    class Engine:
+        def get_data_parallel_group(self):
+            return None
+
+    def original(self, data, loss_function, forward_only=False):
+        seen["tokens"] = tu.get_non_tensor_data(data, LM_TOKENS, None)
+
+    wrap_forward_backward_batch(original)(Engine(), data, None)
+    assert seen["tokens"] == 4 + 3 + 1

@@ -109,7 +109,10 @@ def _targets():
     return {
         "need_critic": bound(targets.need_critic, "need_critic"),
         "compute_advantage": bound(targets.compute_advantage, "compute_advantage"),
-        "trainer": tuple(trainer_cls.__dict__[m] for m in patches.TRAINER_METHODS),
+        "trainer": (
+            *(trainer_cls.__dict__[m] for m in patches.TRAINER_METHODS),
+            importlib.import_module(targets.fsdp_engine).FSDPEngine.__dict__["forward_backward_batch"],
+        ),
         "value_loss": importlib.import_module(targets.trainer_base).value_loss,
         "ppo_loss": bound(targets.ppo_loss, "ppo_loss"),
         "estimator": importlib.import_module(targets.core_algos).ADV_ESTIMATOR_REGISTRY.get("synapo"),
