@@ -65,7 +65,8 @@ def params_from_algorithm(algorithm: Any) -> SynAPOParams:
     """`algorithm.synapo` (a preset name plus overrides) -> `SynAPOParams`.
 
     Raises:
-        ValueError: an unknown preset or parameter, or a bad value, naming the key under `algorithm.synapo`.
+        TypeError, ValueError: an unknown preset or parameter, or a bad value, naming the key under
+            `algorithm.synapo`.
     """
     raw = algorithm.get(SYNAPO) if hasattr(algorithm, "get") else None
     if raw is None:
@@ -74,7 +75,13 @@ def params_from_algorithm(algorithm: Any) -> SynAPOParams:
         raw = OmegaConf.to_container(raw, resolve=True)
     if not isinstance(raw, dict):
         raise ValueError(f"`algorithm.synapo` must be a mapping of SynAPO parameters, got {raw!r}")
-    raw = dict(raw)
+    return _resolve(json.dumps(raw, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve(text: str) -> SynAPOParams:
+    """Checked once per process per distinct `algorithm.synapo` (the trainer asks every step)."""
+    raw = json.loads(text)
     preset = raw.pop("preset", SYNAPO)
     names = {f.name for f in dataclasses.fields(SynAPOParams)}
     unknown = sorted(set(raw) - names)
