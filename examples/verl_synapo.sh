@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SynAPO on stock verl 0.9.1: a small GSM8K run on ONE GPU (not run in this repository's CI: no GPU there).
 #
-#   pip install "synapo-ext[verl]"                       # verl==0.9.1 + TransferQueue; the plugin loads itself
+#   pip install -e ".[verl]"   # from a clone (or "synapo-ext[verl]" once on PyPI): verl==0.9.1 + TransferQueue
 #   pip install "verl[fsdp,vllm]==0.9.1"                 # GPU extras: flash-attn (the value model needs it), vLLM
 #   python verl/examples/data_preprocess/gsm8k.py --local_save_dir ~/data/gsm8k   # from verl's repository
 #   PRESET=vapo bash examples/verl_synapo.sh             # presets: synapo (default), vapo, ppo,
