@@ -12,6 +12,7 @@ __all__ = [
     "check_same_shape",
     "check_tensor",
     "float_dtype",
+    "row_any",
 ]
 
 
@@ -69,15 +70,15 @@ def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torc
     if mask.dtype != torch.bool:
         if mask.is_complex():
             raise TypeError("`response_mask` must be bool, integer or float, got a complex tensor")
-        nonzero = mask != 0
         if mask.numel() > 0:  # aminmax refuses an empty tensor
             low, high = torch.aminmax(mask)
-            # in [0, 1], and every nonzero entry is exactly 1
-            if low < 0 or high > 1 or (mask.is_floating_point() and int((mask == 1).sum()) != int(nonzero.sum())):
+            # in [0, 1], and every nonzero entry is exactly 1 (integers in [0, 1] are)
+            fractional = mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any())
+            if low < 0 or high > 1 or fractional:
                 raise ValueError("`response_mask` must hold only 0 and 1")
-        mask = nonzero
+        mask = mask.bool()  # one pass (`mask != 0` is about twice as slow on int64)
     if not allow_empty_rows:
-        empty = ~mask.any(dim=1)
+        empty = ~row_any(mask)
         if bool(empty.any()):
             rows = empty.nonzero().flatten()[:5].tolist()
             raise ValueError(
@@ -85,6 +86,13 @@ def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torc
                 "every response needs at least one token (`compute_synapo_advantages` skips such rows)"
             )
     return mask
+
+
+def row_any(mask: torch.Tensor) -> torch.Tensor:
+    """`mask.any(dim=1)` for a bool (B, T) mask, through a uint8 max (about 30x faster than bool `any` on CPU)."""
+    if mask.shape[1] == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    return mask.view(torch.uint8).amax(dim=1).bool()
 
 
 def check_probability(value: float, name: str) -> float:

@@ -27,7 +27,7 @@ class Compactor:
 
     def __init__(self, mask: torch.Tensor) -> None:
         B, T = mask.shape
-        self.lengths = mask.sum(dim=1)
+        self.lengths = mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).long()  # bool sums are ~2x slower
         positions = torch.arange(T, device=mask.device)
         compact_mask = positions < self.lengths[:, None]
         self.identity = bool(torch.equal(compact_mask, mask))

@@ -56,30 +56,39 @@ def numba_stage(
     adaptive = params.length_adaptive_lambda
     use_entropy = adaptive and params.ea_gae_enabled
     check_actor_lambda_inputs(params, entropy)
+    # shapes, types and parameters here; NaN/inf and ids outside the table in the kernels' first pass per row
+    ea_kw = {
+        "alpha": params.ea_gae_alpha,
+        "lambda_min": params.ea_gae_lambda_min,
+        "lambda_max": params.ea_gae_lambda_max,
+    }
     if use_entropy:
-        entropy = check_ea_gae_args(
-            mask, entropy, alpha=params.ea_gae_alpha, lambda_min=params.ea_gae_lambda_min,
-            lambda_max=params.ea_gae_lambda_max,
-        )  # fmt: skip
+        entropy = check_ea_gae_args(mask, entropy, **ea_kw, finite=False)
     beta = params.ea_gae_beta if use_entropy else 0.0
     lambda_min, lambda_max = (params.ea_gae_lambda_min, params.ea_gae_lambda_max) if adaptive else (0.0, 1.0)
     if params.hvm_enabled:
-        ids, table = check_segment_args(
-            response_ids, mask, boundary_table, min_len=params.hvm_min_len, max_len=params.hvm_max_len,
-            fallback_len=params.hvm_fallback_len,
-        )  # fmt: skip
-        rewards = check_hvm_args(rewards, values, global_values, mask, global_weight=params.hvm_global_weight)
+        seg_kw = {
+            "min_len": params.hvm_min_len,
+            "max_len": params.hvm_max_len,
+            "fallback_len": params.hvm_fallback_len,
+        }
+        ids, table = check_segment_args(response_ids, mask, boundary_table, **seg_kw, id_range=False)
+        hvm_kw = {"global_weight": params.hvm_global_weight}
+        rewards = check_hvm_args(rewards, values, global_values, mask, **hvm_kw, finite=False)
         dtype = float_dtype(rewards, values, global_values, entropy if use_entropy else None)
     else:
-        rewards, values = check_gae_args(rewards, values, mask)
+        rewards, values = check_gae_args(rewards, values, mask, finite=False)
         dtype = float_dtype(rewards, values, entropy if use_entropy else None)
 
     one = torch.zeros(1, 1, dtype=dtype)  # stands for an array a kernel does not read or write
     ent = as_numpy(_array(entropy, dtype)) if use_entropy else as_numpy(one)
-    # the returned lambda has ea_gae_lambda's dtype (float32 unless the entropy is float64)
-    lam = empty((B, T), float_dtype(entropy if use_entropy else None)) if return_lam and adaptive else None
+    # lambda in ea_gae_lambda's dtype (float32 unless the entropy is float64), as the composed path rounds it
+    lam_dtype = float_dtype(entropy if use_entropy else None)
+    lam = empty((B, T), lam_dtype) if return_lam and adaptive else None
+    no_lam = torch.full((1, 1), float(params.gae_lambda), dtype=lam_dtype)
     advantages, returns = empty((B, T), dtype), empty((B, T), dtype)
     row_stats = torch.empty(B, STATS, dtype=torch.float64)
+    bad = torch.zeros(B, dtype=torch.long)
     lam_args = (adaptive, float(params.gae_lambda), params.ea_gae_alpha, beta, EA_GAE_EPS, lambda_min, lambda_max)
     whiten = params.whiten_advantages
     global_returns = start_mask = seg_ids = None
@@ -91,17 +100,27 @@ def numba_stage(
             as_numpy(mask), ent, use_entropy, as_numpy(ids), as_numpy(table), *lam_args,
             params.hvm_min_len, params.hvm_max_len or 0, params.hvm_fallback_len or 0,
             params.gamma, params.hvm_global_lambda, float(params.hvm_global_weight), whiten,
-            lam is not None, as_numpy(one if lam is None else lam),
+            lam is not None, as_numpy(no_lam if lam is None else lam),
             seg_ids is not None, as_numpy(torch.zeros(1, 1, dtype=torch.long) if seg_ids is None else seg_ids),
             as_numpy(advantages), as_numpy(returns), as_numpy(global_returns), as_numpy(start_mask),
-            as_numpy(row_stats),
+            as_numpy(row_stats), as_numpy(bad),
         )  # fmt: skip
     else:
         k.stage_gae_rows(
             as_numpy(_array(rewards, dtype)), as_numpy(_array(values, dtype)), as_numpy(mask), ent, use_entropy,
             *lam_args, params.gamma, params.critic_lambda, whiten, lam is not None,
-            as_numpy(one if lam is None else lam), as_numpy(advantages), as_numpy(returns), as_numpy(row_stats),
+            as_numpy(no_lam if lam is None else lam), as_numpy(advantages), as_numpy(returns), as_numpy(row_stats),
+            as_numpy(bad),
         )  # fmt: skip
+    if bool(bad.any()):  # the public functions' checks, in the composed path's order, name the input
+        if use_entropy:
+            check_ea_gae_args(mask, entropy, **ea_kw)
+        if params.hvm_enabled:
+            check_segment_args(response_ids, mask, boundary_table, **seg_kw)
+            check_hvm_args(rewards, values, global_values, mask, **hvm_kw)
+        else:
+            check_gae_args(rewards, values, mask)
+        raise AssertionError("a kernel flagged an input that the checks accept")  # not reached
     if whiten:
         _whiten_in_place(k, advantages, row_stats)
 

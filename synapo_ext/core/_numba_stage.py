@@ -10,6 +10,7 @@ so the fused stage gives the same numbers. Accumulators are float64 whatever the
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from ._numba_kernels import _kernel
@@ -17,6 +18,11 @@ from ._numba_kernels import _kernel
 # columns of `row_stats` (float64 (B, STATS))
 N_VALID, LAM_SUM, LAM_MIN, LAM_MAX, ENTROPY_SUM, SEGMENTS, ADV_MEAN, ADV_M2 = range(8)
 STATS = 8
+# bits of `bad` (int64 (B,)): which input failed its check on that row
+REWARDS, VALUES, GLOBAL_VALUES, ENTROPY, IDS = 1, 2, 4, 8, 16
+# Sums for statistics may be reordered (vectorised): a strict left-to-right float64 sum waits ~4 cycles per token.
+# NaN/inf semantics are kept (no "nnan"/"ninf"), and the recursions themselves are compiled without fast-math.
+_SUM_MATH = {"reassoc", "nsz"}
 
 
 @_kernel
@@ -52,85 +58,90 @@ def stage_hvm_rows(
     global_returns,
     start_mask,
     row_stats,
+    bad,
 ):
-    """Per row: (1) length, delimiter presence, entropy sum; (2) segment starts forward (greedy min_len,
-    fallback chunks, max_len pieces); (3) one backward pass: lambda_t, local GAE AL_t and target LR_t restarting
-    at each segment end e_k, Monte-Carlo return, and at each start s_k the segment's AG_k, added to the segment's
-    tokens (still in cache) with its global target; (4) the row's mean and centred sum of squares of A (moments)."""
+    """Per row: (0) the input checks: NaN/inf anywhere in rewards, values, global values, entropy, an id outside
+    the table at a valid token; a row that fails gets its bits in `bad` (REWARDS, ...) and no further work, and
+    the caller raises; (1) length, delimiter presence, entropy sum; (2) segment starts forward (greedy min_len, max_len
+    pieces), only when those options are set or ids are asked for: with min_len = 1 and no max_len a token ends a
+    segment iff it is a delimiter (or ends a fallback chunk) or the row's last, which the backward pass sees itself;
+    (3) one backward pass: lambda_t, local GAE AL_t and target LR_t restarting at each segment end e_k, Monte-Carlo
+    return, and once a segment's start s_k is known (at the token before it, or the row's start) its AG_k, added
+    to the segment's tokens (still in cache) with its global target; (4) the row's mean and centred sum of squares
+    of A (moments)."""
     B, T = rewards.shape
+    forward = min_len > 1 or max_len > 0 or write_seg
     for b in prange(B):
+        flags = _row_finite_flags(rewards, local_values, entropy, has_entropy, b)
+        if not _row_finite(global_values, b):
+            flags |= GLOBAL_VALUES
+        if not _row_ids_in_table(ids, mask, b, table.shape[0]):
+            flags |= IDS
+        bad[b] = flags
+        if flags:
+            continue
         n, entropy_sum = _row_count_sum(mask, entropy, has_entropy, b)
+        last = _row_end(mask, b)  # the padding after the last valid token gets plain fills, not the passes below
+        for t in range(last, T):
+            advantages[b, t] = 0.0
+            local_returns[b, t] = 0.0
+            global_returns[b, t] = 0.0
+            start_mask[b, t] = False
+        lam_row = _row_lambda(entropy, has_entropy, b, last, n, alpha, beta, eps, lambda_min, lambda_max, write_lam,
+                              lam_out) if adaptive else lam_out[0]  # fmt: skip
         has_delimiter = False
-        for t in range(T):
+        for t in range(last):
             if mask[b, t] and table[ids[b, t]]:
                 has_delimiter = True
                 break
+        if forward:
+            _segment_starts(ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len,
+                            write_seg, seg_out, start_mask)  # fmt: skip
 
-        # (2) segments: the same decisions as segment_rows, recorded as starts (and ids if asked)
-        seg = 0
-        i = 0
-        seg_len = 0
-        next_is_start = True
-        for t in range(T):
-            if write_seg:
-                seg_out[b, t] = seg
-            if not mask[b, t]:
-                start_mask[b, t] = False
-                continue
-            start_mask[b, t] = next_is_start
-            next_is_start = False
-            seg_len += 1
-            if has_delimiter:
-                raw_end = table[ids[b, t]]
-            else:
-                raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
-            end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
-            piece_end = max_len > 0 and seg_len % max_len == 0
-            if (end or piece_end) and i < n - 1:
-                seg += 1
-                next_is_start = True
-            if end:
-                seg_len = 0
-            i += 1
-
-        # (3) backward: HVM as hvm_rows, with e_k found from the next valid token's start flag
-        have_next = False
-        next_starts = False
+        # (3) backward. Per valid token t (j-th from the end, valid index i = n - 1 - j): t is a segment end e_k
+        # iff it is the last token or the next valid token starts a segment.
         next_local = 0.0
-        next_global = 0.0
+        next_global = 0.0  # g_{k+1}
         running = 0.0
         local_return = 0.0
         mc_return = 0.0
         discount = 1.0
-        segment_advantage = 0.0
-        end_pos = 0
+        segment_advantage = 0.0  # AG_{k+1}
+        end_pos = 0  # e_k of the segment being accumulated
+        start_pos = 0  # the last valid token seen: the start of its segment if the current token ends one
         lam_sum = 0.0
         lam_lo = 1.0
         lam_hi = 0.0
         segments = 0
-        for t in range(T - 1, -1, -1):
+        j = 0
+        for t in range(last - 1, -1, -1):
             if not mask[b, t]:
                 advantages[b, t] = 0.0
                 local_returns[b, t] = 0.0
                 global_returns[b, t] = 0.0
-                if write_lam:
-                    lam_out[b, t] = lambda_min
+                if not forward:
+                    start_mask[b, t] = False
                 continue
-            if adaptive:  # EA-GAE, rounded to the output dtype through the advantages slot (as ea_gae_lambda)
-                factor = 1.0
-                if has_entropy:
-                    factor = max(1.0 + beta * entropy[b, t], eps)
-                advantages[b, t] = min(max(1.0 - 1.0 / (alpha * n * factor), lambda_min), lambda_max)
-                lam_t = advantages[b, t]
+            if j == 0:
+                is_end = True
+            elif forward:
+                is_end = start_mask[b, start_pos]
+            elif has_delimiter:
+                is_end = table[ids[b, t]]
             else:
-                lam_t = lam_const
-            if write_lam:
-                lam_out[b, t] = lam_t
+                is_end = fallback_len > 0 and (n - j) % fallback_len == 0  # (i + 1) % fallback_len
+            if is_end and j > 0:  # the segment starting at start_pos is complete: AG_{k+1}, its tokens, g_{k+1}
+                segment_advantage, next_global = _close_segment(
+                    local_values, global_values, mask, b, start_pos, end_pos, local_return, discount, mc_return,
+                    segment_advantage, global_lam, global_weight, advantages, global_returns, start_mask,
+                )  # fmt: skip
+                segments += 1
+            lam_t = lam_row[t] if adaptive else lam_const
             lam_sum += lam_t
             lam_lo = min(lam_lo, lam_t)
             lam_hi = max(lam_hi, lam_t)
             r = rewards[b, t]
-            if (not have_next) or next_starts:  # t = e_k: bootstrap from g_{k+1}, restart
+            if is_end:  # t = e_k: bootstrap from g_{k+1}, restart
                 running = r + gamma * next_global - local_values[b, t]
                 local_return = r + gamma * next_global
                 discount = gamma
@@ -142,18 +153,17 @@ def stage_hvm_rows(
             mc_return = r + gamma * mc_return
             advantages[b, t] = running
             local_returns[b, t] = local_return
-            next_starts = start_mask[b, t]
-            if next_starts:  # t = s_k: AG_k = (LR_{s_k} - g_k) + gamma^n_k * global_lam * AG_{k+1}
-                g = global_values[b, t]
-                segment_advantage = local_return - g + discount * global_lam * segment_advantage
-                for s in range(t, end_pos + 1):  # the segment's tokens, just written: still in cache
-                    if mask[b, s]:
-                        advantages[b, s] += global_weight * segment_advantage
-                        global_returns[b, s] = mc_return
-                next_global = g
-                segments += 1
+            if not forward:
+                start_mask[b, t] = False
             next_local = local_values[b, t]
-            have_next = True
+            start_pos = t
+            j += 1
+        # the row's first segment starts at its first valid token
+        _close_segment(
+            local_values, global_values, mask, b, start_pos, end_pos, local_return, discount, mc_return,
+            segment_advantage, global_lam, global_weight, advantages, global_returns, start_mask,
+        )  # fmt: skip
+        segments += 1
 
         row_stats[b, N_VALID] = n
         row_stats[b, LAM_SUM] = lam_sum
@@ -163,6 +173,59 @@ def stage_hvm_rows(
         row_stats[b, SEGMENTS] = segments
         if moments:
             _row_moments(advantages, mask, b, n, row_stats)
+
+
+@njit(cache=True, nogil=True)
+def _close_segment(
+    local_values, global_values, mask, b, s, e, local_return, discount, mc_return, segment_advantage, global_lam,
+    global_weight, advantages, global_returns, start_mask,
+):  # fmt: skip
+    """Segment [s, e] of row b, given LR, gamma^n_k and the Monte-Carlo return at s = s_k:
+    AG_k = (LR_{s_k} - g_k) + gamma^n_k * global_lam * AG_{k+1}, added to A on its tokens, its global target
+    stored on them. Returns (AG_k, g_k)."""
+    g = global_values[b, s]
+    segment_advantage = local_return - g + discount * global_lam * segment_advantage
+    for t in range(s, e + 1):
+        if mask[b, t]:
+            advantages[b, t] += global_weight * segment_advantage
+            global_returns[b, t] = mc_return
+    start_mask[b, s] = True
+    return segment_advantage, g
+
+
+@njit(cache=True, nogil=True)
+def _segment_starts(
+    ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len, write_seg, seg_out, start_mask
+):  # fmt: skip
+    """Row b's segment starts (and ids if asked) in one forward pass: segment_rows's decisions."""
+    seg = 0
+    i = 0
+    seg_len = 0
+    next_is_start = True
+    for t in range(last):
+        if write_seg:
+            seg_out[b, t] = seg
+        if not mask[b, t]:
+            start_mask[b, t] = False
+            continue
+        start_mask[b, t] = next_is_start
+        next_is_start = False
+        seg_len += 1
+        if has_delimiter:
+            raw_end = table[ids[b, t]]
+        else:
+            raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
+        end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
+        piece_end = max_len > 0 and seg_len % max_len == 0
+        if (end or piece_end) and i < n - 1:
+            seg += 1
+            next_is_start = True
+        if end:
+            seg_len = 0
+        i += 1
+    if write_seg:
+        for t in range(last, seg_out.shape[1]):
+            seg_out[b, t] = seg
 
 
 @_kernel
@@ -187,31 +250,32 @@ def stage_gae_rows(
     advantages,
     returns,
     row_stats,
+    bad,
 ):
     """Per row: the actor's GAE with lambda_t (EA-GAE, VAPO's or a constant) and the critic's returns with
     critic_lambda in one backward pass (VAPO's decoupled GAE): A_t = delta_t + gamma lambda_t A_{t+1},
     G_t = V_t + C_t with C_t = delta_t + gamma critic_lambda C_{t+1}."""
     B, T = rewards.shape
     for b in prange(B):
+        bad[b] = _row_finite_flags(rewards, values, entropy, has_entropy, b)  # as stage_hvm_rows
+        if bad[b]:
+            continue
         n, entropy_sum = _row_count_sum(mask, entropy, has_entropy, b)
+        last = _row_end(mask, b)
+        for t in range(last, T):  # A = 0 and G = V past the last valid token, as the per-token loop gives
+            advantages[b, t] = 0.0
+            returns[b, t] = values[b, t]
+        lam_row = _row_lambda(entropy, has_entropy, b, last, n, alpha, beta, eps, lambda_min, lambda_max, write_lam,
+                              lam_out) if adaptive else lam_out[0]  # fmt: skip
         next_value = 0.0
         running = 0.0
         critic = 0.0
         lam_sum = 0.0
         lam_lo = 1.0
         lam_hi = 0.0
-        for t in range(T - 1, -1, -1):
+        for t in range(last - 1, -1, -1):
             if mask[b, t]:
-                if adaptive:
-                    factor = 1.0
-                    if has_entropy:
-                        factor = max(1.0 + beta * entropy[b, t], eps)
-                    advantages[b, t] = min(max(1.0 - 1.0 / (alpha * n * factor), lambda_min), lambda_max)
-                    lam_t = advantages[b, t]
-                else:
-                    lam_t = lam_const
-                if write_lam:
-                    lam_out[b, t] = lam_t
+                lam_t = lam_row[t] if adaptive else lam_const
                 lam_sum += lam_t
                 lam_lo = min(lam_lo, lam_t)
                 lam_hi = max(lam_hi, lam_t)
@@ -219,8 +283,6 @@ def stage_gae_rows(
                 running = delta + gamma * lam_t * running
                 critic = delta + gamma * critic_lam * critic
                 next_value = values[b, t]
-            elif write_lam:
-                lam_out[b, t] = lambda_min
             advantages[b, t] = running
             returns[b, t] = critic + values[b, t]
         row_stats[b, N_VALID] = n
@@ -233,9 +295,66 @@ def stage_gae_rows(
             _row_moments(advantages, mask, b, n, row_stats)
 
 
-# Sums for statistics may be reordered (vectorised): a strict left-to-right float64 sum waits ~4 cycles per token.
-# NaN/inf semantics are kept (no "nnan"/"ninf"), and the recursions themselves are compiled without fast-math.
-_SUM_MATH = {"reassoc", "nsz"}
+@njit(cache=True, nogil=True, fastmath=_SUM_MATH)
+def _row_finite(x, b):
+    """True iff row b of x holds no NaN/inf (x - x is 0 for finite x, NaN otherwise); also brings the row into
+    cache for the passes that follow."""
+    s = 0.0
+    for t in range(x.shape[1]):
+        s += x[b, t] - x[b, t]
+    return s == 0.0
+
+
+@njit(cache=True, nogil=True)
+def _row_finite_flags(rewards, values, entropy, has_entropy, b):
+    flags = 0
+    if not _row_finite(rewards, b):
+        flags |= REWARDS
+    if not _row_finite(values, b):
+        flags |= VALUES
+    if has_entropy and not _row_finite(entropy, b):
+        flags |= ENTROPY
+    return flags
+
+
+@njit(cache=True, nogil=True)
+def _row_ids_in_table(ids, mask, b, size):
+    """True iff every valid id of row b indexes the table (masked positions may hold anything)."""
+    outside = 0
+    for t in range(ids.shape[1]):
+        outside += mask[b, t] & ((ids[b, t] < 0) | (ids[b, t] >= size))
+    return outside == 0
+
+
+@njit(cache=True, nogil=True)
+def _row_lambda(entropy, has_entropy, b, last, n, alpha, beta, eps, lambda_min, lambda_max, write_lam, lam_out):
+    """Row b's EA-GAE lambda up to `last`, in lam_out's dtype (ea_gae_lambda's): its row of lam_out when asked for,
+    else a row-sized scratch. One branch-free (vectorised) pass: the divisions leave the recursion's loop.
+
+        lambda = clip(1 - 1 / (alpha * l * max(1 + beta * H, eps)), lambda_min, lambda_max)
+    """
+    T = lam_out.shape[1]
+    row = lam_out[b] if write_lam else np.empty(max(last, 1), lam_out.dtype)
+    if has_entropy:
+        for t in range(last):
+            row[t] = min(max(1.0 - 1.0 / (alpha * n * max(1.0 + beta * entropy[b, t], eps)), lambda_min), lambda_max)
+    else:
+        value = min(max(1.0 - 1.0 / (alpha * n * 1.0), lambda_min), lambda_max)
+        for t in range(last):
+            row[t] = value
+    if write_lam:
+        for t in range(last, T):
+            row[t] = lambda_min
+    return row
+
+
+@njit(cache=True, nogil=True)
+def _row_end(mask, b):
+    """Last valid position of row b + 1."""
+    for t in range(mask.shape[1] - 1, -1, -1):
+        if mask[b, t]:
+            return t + 1
+    return 0
 
 
 @njit(cache=True, nogil=True, fastmath=_SUM_MATH)

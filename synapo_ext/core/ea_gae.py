@@ -20,9 +20,10 @@ EA_GAE_EPS = 1e-6
 
 
 def check_ea_gae_args(
-    mask: torch.Tensor, entropy: object, *, alpha: float, lambda_min: float, lambda_max: float
+    mask: torch.Tensor, entropy: object, *, alpha: float, lambda_min: float, lambda_max: float, finite: bool = True
 ) -> torch.Tensor | None:
-    """`ea_gae_lambda`'s checks on a validated bool `mask`; returns `entropy` (or None)."""
+    """`ea_gae_lambda`'s checks on a validated bool `mask`; returns `entropy` (or None). `finite=False` leaves out
+    the pass over the data (a caller that checks it in its own pass)."""
     if not alpha > 0:
         raise ValueError(f"`alpha` must be > 0, got {alpha}")
     if not 0.0 <= lambda_min <= lambda_max <= 1.0:
@@ -30,7 +31,8 @@ def check_ea_gae_args(
     if entropy is not None:
         entropy = check_tensor(entropy, "entropy", ndim=2)
         check_same_shape(entropy, "entropy", mask.shape, "response_mask")
-        check_finite(entropy, "entropy")
+        if finite:
+            check_finite(entropy, "entropy")
     return entropy
 
 

@@ -105,8 +105,10 @@ def check_segment_args(
     min_len: int,
     max_len: int | None,
     fallback_len: int | None,
+    id_range: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`segment_ids`'s checks on a validated bool `mask`; returns (response_ids, boundary_table)."""
+    """`segment_ids`'s checks on a validated bool `mask`; returns (response_ids, boundary_table). `id_range=False`
+    leaves out the pass over the ids (a caller that checks them in its own pass)."""
     response_ids = check_ids(response_ids, "response_ids")
     check_same_shape(mask, "response_mask", response_ids.shape, "response_ids")
     boundary_table = check_tensor(boundary_table, "boundary_table", ndim=1)
@@ -115,7 +117,7 @@ def check_segment_args(
     for name, value in (("min_len", min_len), ("max_len", max_len), ("fallback_len", fallback_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    if response_ids.numel() == 0:
+    if response_ids.numel() == 0 or not id_range:
         return response_ids, boundary_table
     low, high = (int(x) for x in torch.aminmax(response_ids))
     if low < 0 or high >= boundary_table.numel():  # padding may hold anything: look at the valid ids only

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _fused, backend  # noqa: F401 (_fused registers the fused numba `stage`)
-from ._checks import check_mask, float_dtype
+from ._checks import check_mask, float_dtype, row_any
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
 from .gae import compute_gae
@@ -180,7 +180,7 @@ def compute_synapo_advantages(
     # validate and convert the mask once (an int64 mask is 8x the bytes of a bool one, and every function reads it)
     response_mask = check_mask(response_mask, allow_empty_rows=True)
     B = response_mask.shape[0]
-    valid_rows = response_mask.any(dim=1)
+    valid_rows = row_any(response_mask)
     rows = valid_rows.nonzero().squeeze(1)
     per_row = {
         "rewards": rewards,
