@@ -13,7 +13,9 @@ from collections import defaultdict
 
 from transformers import Trainer
 
+from ..core import METRICS
 from ..core.warmup import ValueWarmupRule
+from .update import HELDOUT_VF_LOSS
 
 __all__ = ["ValueWarmupMixin"]
 
@@ -51,10 +53,10 @@ class ValueWarmupMixin:
                 self._metrics["train"] = trl_metrics
             logs.update({name: sum(values) / len(values) for name, values in rollout_metrics.items() if values})
             self._warmup_done += 1
-            if logs.get("synapo/batches_skipped", 0.0) > 0:  # nothing to learn from: counts towards the cap only
+            if logs.get(METRICS.batches_skipped, 0.0) > 0:  # nothing to learn from: counts towards the cap only
                 decision = None
             else:
-                decision = rule.update(logs["critic/heldout_vf_loss"], logs["critic/explained_variance"])
+                decision = rule.update(logs[HELDOUT_VF_LOSS], logs[METRICS.explained_variance])
             stop = (decision is not None and decision.stop) or self._warmup_done >= cap
             reason = decision.reason if decision is not None and decision.stop else "cap"
             self._warmup_line(logs, decision, reason if stop else None)
@@ -83,10 +85,10 @@ class ValueWarmupMixin:
                 "(window mean %.3f)%s",
                 self._warmup_done,
                 cap,
-                logs["critic/heldout_vf_loss"],
-                logs["critic/explained_variance"],
+                logs[HELDOUT_VF_LOSS],
+                logs[METRICS.explained_variance],
                 decision.ev_mean,
-                self._explain_ev_once(logs["critic/explained_variance"]),
+                self._explain_ev_once(logs[METRICS.explained_variance]),
             )
         if stop_reason is not None:
             logger.warning(

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from synapo_ext.core import METRICS  # noqa: E402
 from synapo_ext.trl import SynAPOConfig, SynAPOTrainer  # noqa: E402
 from tests.trl.tiny import first_char_reward, make_dataset, make_policy, make_tokenizer  # noqa: E402
 
@@ -69,7 +70,7 @@ def main(out: str) -> None:
         except ValueError as err:
             results[name] = {"error": str(err)}
             continue
-        pairs = [e["critic/scvl_pairs"] for e in trainer.state.log_history if "critic/scvl_pairs" in e]
+        pairs = [e[METRICS.scvl_pairs] for e in trainer.state.log_history if METRICS.scvl_pairs in e]
         results[name] = {
             "critic": digest(trainer.critic),
             "critic_moved": digest(trainer.critic) != before,

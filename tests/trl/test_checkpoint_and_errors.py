@@ -197,12 +197,12 @@ def test_kill_while_saving_leaves_a_checkpoint_that_resume_refuses(make_trainer,
 
 
 def test_kill_after_the_critic_part_resumes_exactly(make_trainer, tmp_path, monkeypatch):
-    from synapo_ext.trl import trainer as trainer_module
+    from synapo_ext.trl import checkpoint as checkpoint_module
 
     settings = {"save_strategy": "steps", "save_steps": 1, "save_total_limit": 1, "max_steps": 2,
                 "value_warmup_steps": 1}  # fmt: skip
     trainer = make_trainer("synapo", **settings)
-    _kill_at(monkeypatch, trainer, trainer_module, "rotate_checkpoints", step=2)  # last stage: old ones not deleted
+    _kill_at(monkeypatch, trainer, checkpoint_module, "rotate_checkpoints", step=2)  # last stage: old ones not deleted
     with pytest.raises(_Killed):
         trainer.train()
     monkeypatch.undo()

@@ -9,7 +9,9 @@ import torch
 
 pytest.importorskip("trl")
 
-from synapo_ext.trl import trainer as trainer_module  # noqa: E402
+from synapo_ext.core import METRICS  # noqa: E402
+from synapo_ext.trl import stage as stage_module  # noqa: E402
+from synapo_ext.trl.stage import LM_WEIGHT  # noqa: E402
 
 from .tiny import make_dataset  # noqa: E402
 
@@ -36,9 +38,9 @@ def test_all_completions_truncated_and_masked_is_skipped_and_counted(make_traine
     )
     critic_before = {k: v.clone() for k, v in trainer.critic.state_dict().items()}
     trainer.train()  # used to raise RuntimeError: aminmax() on an empty batch
-    assert _logged(trainer, "synapo/batches_skipped") == [1.0, 1.0]
-    assert _logged(trainer, "synapo/rows_empty") == [8.0, 8.0]
-    assert _logged(trainer, "warmup/synapo/batches_skipped") == [1.0, 1.0]  # warm-up batches skipped, capped at 2
+    assert _logged(trainer, METRICS.batches_skipped) == [1.0, 1.0]
+    assert _logged(trainer, METRICS.rows_empty) == [8.0, 8.0]
+    assert _logged(trainer, f"warmup/{METRICS.batches_skipped}") == [1.0, 1.0]  # warm-up batches skipped, capped at 2
     assert trainer._critic_updates == 0
     assert all(torch.equal(v, critic_before[k]) for k, v in trainer.critic.state_dict().items())
     assert torch.equal(
@@ -54,24 +56,24 @@ def test_rows_without_a_score_are_left_out_and_counted(make_trainer, monkeypatch
     trainer = make_trainer("synapo", reward_funcs=[reward])
     trainer.model.train()
     seen = {}
-    real_update = trainer_module.update_critic
+    real_update = stage_module.update_critic
 
     def spy(critic, optimizer, scheduler, batch, params, **kwargs):
         seen["batch"] = batch
         return real_update(critic, optimizer, scheduler, batch, params, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "update_critic", spy)
+    monkeypatch.setattr(stage_module, "update_critic", spy)
     output = trainer._generate_and_score_completions(_inputs(trainer))
     B = output["completion_ids"].size(0)
     unscored = torch.arange(B) % 3 == 0
     mask = output["completion_mask"].bool()
     assert (output["advantages"][unscored] == 0).all()  # no advantage
-    assert not output["synapo_positive"][unscored].any()  # no positive-LM loss
+    assert (output[LM_WEIGHT][unscored] == 0).all()  # no positive-LM loss
     batch = seen["batch"]
     assert (batch.response_mask[unscored] == 0).all()  # no critic target
     assert batch.sides.rows.numel() > 0  # pairs exist (seeded rollout) ...
     assert not torch.isin(batch.sides.rows, unscored.nonzero().squeeze(1)).any()  # ... but none with these rows
     scored_tokens = mask & ~unscored.unsqueeze(1)
     assert output["advantages"][scored_tokens].mean().abs() < 1e-5  # whitened over the scored rows only
-    assert trainer._metrics["train"]["synapo/rows_unscored"] == [float(unscored.sum())]
-    assert trainer._metrics["train"]["synapo/batches_skipped"] == [0.0]
+    assert trainer._metrics["train"][METRICS.rows_unscored] == [float(unscored.sum())]
+    assert trainer._metrics["train"][METRICS.batches_skipped] == [0.0]

@@ -9,8 +9,9 @@ pytest.importorskip("trl")
 
 from trl import GRPOTrainer  # noqa: E402
 
-from synapo_ext.core import PRESETS  # noqa: E402
-from synapo_ext.trl import trainer as trainer_module  # noqa: E402
+from synapo_ext.core import METRICS, PRESETS  # noqa: E402
+from synapo_ext.trl import stage as stage_module  # noqa: E402
+from synapo_ext.trl.stage import LM_WEIGHT  # noqa: E402
 
 from .tiny import make_dataset  # noqa: E402
 
@@ -61,15 +62,15 @@ def test_train_every_preset(make_trainer, preset):
     advantages = batch["advantages"]
     assert advantages.shape == batch["completion_ids"].shape and torch.isfinite(advantages).all()
     logged = {k for entry in trainer.state.log_history for k in entry}
-    expected = {"critic/vf_loss", "critic/explained_variance", "critic/grad_norm", "loss"}
+    expected = {METRICS.vf_loss, METRICS.explained_variance, METRICS.grad_norm, "loss"}
     if preset != "ppo":
-        expected |= {"ea_gae/lambda_mean"}
+        expected |= {METRICS.lambda_mean}
     if PRESETS[preset].get("hvm_enabled", True):
-        expected |= {"critic/hvm_global_loss", "critic/hvm_local_loss", "synapo/hvm/segments_mean"}
+        expected |= {METRICS.global_loss, METRICS.global_clipfrac, METRICS.segments_mean}
     if PRESETS[preset].get("scvl_enabled", True):
-        expected |= {"critic/scvl_loss", "critic/scvl_pairs", "synapo/scvl/groups_mixed"}
+        expected |= {METRICS.scvl_loss, METRICS.scvl_pairs, METRICS.scvl_groups_mixed}
     if PRESETS[preset].get("positive_lm_coef", 0.1) > 0:
-        expected |= {"synapo/positive_lm/nll"}
+        expected |= {METRICS.positive_lm_loss}
     assert expected <= logged, expected - logged
 
 
@@ -77,17 +78,17 @@ def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, monkeypatch)
     trainer = make_trainer("ppo")
     trainer.model.train()
     seen = {}
-    real_update = trainer_module.update_critic
+    real_update = stage_module.update_critic
 
     def spy(critic, optimizer, scheduler, batch, params, **kwargs):
         seen["batch"] = batch
         return real_update(critic, optimizer, scheduler, batch, params, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "update_critic", spy)
+    monkeypatch.setattr(stage_module, "update_critic", spy)
     output = trainer._generate_and_score_completions(_inputs(trainer))
     batch = seen["batch"]
     mask = batch.response_mask.double()
-    scores = output["synapo_positive"].double()  # first_char_reward is 0/1: the score is the positive flag
+    scores = trainer._rewards_per_func[:, 0].double()  # one reward function of weight 1: the score
     last = mask.size(1) - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(mask.size(0)), last] = scores
@@ -108,7 +109,7 @@ def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, monkeypatch)
     assert values.abs().sum() > 0
     last = mask.size(1) - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
     rewards = torch.zeros_like(mask)
-    rewards[torch.arange(mask.size(0)), last] = output["synapo_positive"].double()
+    rewards[torch.arange(mask.size(0)), last] = trainer._rewards_per_func[:, 0].double()
     advantages, _ = ref_gae(rewards, values, mask, gamma=1.0, lam=0.95)
     m = mask.bool()
     torch.testing.assert_close(output["advantages"].double()[m], advantages[m], rtol=1e-4, atol=1e-4)
@@ -153,11 +154,13 @@ def test_rollout_entropy_comes_from_trl_old_logprob_pass(make_trainer, monkeypat
 
 
 def test_positive_lm_loss_adds_coef_times_nll(make_trainer):
+    # VAPO's normalisation: coef * the mean NLL over the correct responses' tokens of the micro-batch
     trainer = make_trainer("vapo")
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
     inputs = trainer._generate_and_score_completions(_inputs(trainer))
-    inputs["synapo_positive"] = torch.tensor([True, False] * (len(inputs["synapo_positive"]) // 2))
+    positive = torch.tensor([True, False] * (len(inputs[LM_WEIGHT]) // 2))
+    inputs[LM_WEIGHT] = 0.1 * positive.float()  # the core's weights: coef on correct rows
     with_lm = trainer._compute_loss(trainer.model, inputs).detach()  # with grad: the LM term uses the loss pass
     trainer.synapo.positive_lm_coef = 0.0
     without = trainer._compute_loss(trainer.model, inputs).detach()
@@ -168,6 +171,6 @@ def test_positive_lm_loss_adds_coef_times_nll(make_trainer):
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
             inputs["completion_ids"].size(1),
         )
-    mask = inputs["completion_mask"] * inputs["synapo_positive"].unsqueeze(1)
+    mask = inputs["completion_mask"] * positive.unsqueeze(1)
     nll = -(logps * mask).sum() / mask.sum()
     torch.testing.assert_close(with_lm - without, 0.1 * nll / trainer.current_gradient_accumulation_steps)

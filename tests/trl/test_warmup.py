@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("trl")
 
+from synapo_ext.core import METRICS  # noqa: E402
+
 from .tiny import make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.trl
@@ -24,12 +26,12 @@ def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, caplog):
     with caplog.at_level(logging.WARNING, logger="synapo_ext.trl.warmup"):
         trainer._generate_and_score_completions(_inputs(trainer))
     # the step's own rollout only: one value each (the warm-up's two batches went to their own log entries)
-    assert len(trainer._metrics["train"]["critic/vf_loss"]) == 1
+    assert len(trainer._metrics["train"][METRICS.vf_loss]) == 1
     assert len(trainer._metrics["train"]["reward"]) == 1
     warmup = [entry for entry in trainer.state.log_history if "warmup/step" in entry]
     assert [entry["warmup/step"] for entry in warmup] == [1.0, 2.0]
     for entry in warmup:
-        assert {"warmup/critic/vf_loss", "warmup/critic/explained_variance", "warmup/reward"} <= set(entry)
+        assert {f"warmup/{METRICS.vf_loss}", f"warmup/{METRICS.explained_variance}", "warmup/reward"} <= set(entry)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     progress = [line for line in lines if line.startswith("SynAPO value warm-up ") and "explained variance" in line]
     assert [line.split()[3] for line in progress] == ["1/2", "2/2"], lines

@@ -1,0 +1,208 @@
+"""The SynAPO stage of `SynAPOTrainer`: TRL's rollout output -> one `compute_synapo_advantages` call -> TRL's
+`(B, T)` advantages, the positive-LM row weights and the critic's update (docs/spec.md).
+
+The adapter only translates: a row's score is TRL's weighted sum over reward functions, placed on its last valid
+token; a row without a score (every reward function gave None/NaN) reaches the core as a row with no valid token, so
+the core skips it as it skips empty rows (zeros, no SCVL pair, no positive-LM weight, no critic target). SCVL's
+pairs are the core's, found over the rows of whole groups: this process's rows, or every process's when a group
+straddles processes (the core then runs on the gathered batch and each process keeps its own rows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import METRICS, SCVLSides, compute_synapo_advantages
+from .critic import critic_values
+from .update import CriticBatch, critic_health, update_critic
+
+__all__ = ["LM_WEIGHT", "SynAPOStageMixin"]
+
+LM_WEIGHT = "synapo_lm_weight"  # (B,) key of TRL's batch: the core's positive-LM weight of each row
+# counts summed over processes (the rest of the core's metrics are averaged)
+COUNTS = (METRICS.scvl_pairs, METRICS.scvl_groups_mixed, METRICS.scvl_groups_skipped)
+
+
+class SynAPOStageMixin:
+    """`_synapo_stage` and its helpers (`SynAPOTrainer` provides `synapo`, `critic`, `accelerator`, `args` and the
+    TRL state read here)."""
+
+    def _rollout_entropy_for(self, output, input_ids, attention_mask, mode):
+        """(B, T) rollout-policy entropy: from TRL's old-log-prob pass, or one extra no-grad forward."""
+        entropy, self._rollout_entropy = self._rollout_entropy, None
+        if entropy is None:
+            batch_size = (
+                self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+            )
+            with torch.no_grad():
+                _, entropy, _ = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    output["completion_ids"].size(1),
+                    batch_size=batch_size,
+                    compute_entropy=True,
+                )
+        return entropy.float()
+
+    def _synapo_stage(self, output, mode: str) -> tuple[dict[str, float], dict[str, float]]:
+        """Replace `output["advantages"]` by SynAPO's (B, T) advantages, add the positive-LM row weights
+        (`output[LM_WEIGHT]`); in training, update the critic.
+
+        Rows with no valid token (e.g. `mask_truncated_completions`) or no score are skipped by the core and counted
+        (`synapo/rows_empty`, `synapo/rows_unscored`). A batch where no process has a row left takes no critic step
+        (`synapo/batches_skipped`).
+
+        Returns:
+            (metrics to average over processes, metrics to sum over processes).
+        """
+        device, params = self.accelerator.device, self.synapo
+        completion_ids = output["completion_ids"]
+        mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
+        B, T = completion_ids.shape
+        input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        world, offset = self.accelerator.num_processes, self.accelerator.process_index * B
+        if (B * world) % num_generations != 0:
+            raise ValueError(
+                f"the rollout batch ({B} rows x {world} processes) is not whole groups of `num_generations` "
+                f"({num_generations}): SCVL and the group layout need complete groups"
+            )
+
+        # Outcome score of each row: TRL's weighted sum over reward functions (TRL holds every process's rows)
+        rewards_per_func = self._rewards_per_func.to(device)[offset : offset + B]
+        scored = ~torch.isnan(rewards_per_func).all(dim=1)
+        scores = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
+        learn_mask = mask * scored.unsqueeze(1).to(mask.dtype)  # an unscored row: no valid token for the core
+        row_valid = learn_mask.any(dim=1)  # what the core keeps (`valid_rows`)
+        totals = {
+            METRICS.rows_unscored: float((~scored).sum()),
+            METRICS.rows_empty: float((~row_valid & scored).sum()),
+        }
+        if self.accelerator.gather(row_valid.sum().reshape(1)).sum() == 0:  # no process has a row: skip, count
+            output["advantages"], output[LM_WEIGHT] = torch.zeros(B, T, device=device), torch.zeros(B, device=device)
+            self._log_row_advantages(output["advantages"], mask)
+            totals[METRICS.batches_skipped] = 1.0
+            return {}, totals
+        totals[METRICS.batches_skipped] = 0.0
+
+        last = T - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
+        rewards = torch.zeros(B, T, device=device)
+        rewards[torch.arange(B, device=device), last] = scores
+        entropy = self._rollout_entropy_for(output, input_ids, attention_mask, mode) if params.ea_gae_enabled else None
+        with torch.no_grad(), self.accelerator.autocast():
+            values = critic_values(self.critic, input_ids, attention_mask, T)  # (B, T, H)
+
+        result, scope_world = self._core_stage(learn_mask, rewards, values, entropy, completion_ids, scores, mode)
+        output["advantages"] = result.advantages.float() * learn_mask
+        output[LM_WEIGHT] = result.positive_lm_weights.float()
+        self._log_row_advantages(output["advantages"], mask)
+        means = dict(result.metrics)
+        means.pop(METRICS.rows_empty)  # the core's count includes the unscored rows: counted apart above
+        totals.update({name: means.pop(name) / scope_world for name in COUNTS if name in means})
+        if mode != "train":
+            return means, totals
+
+        batch = CriticBatch(
+            input_ids,
+            attention_mask,
+            learn_mask.float(),
+            result.returns.float(),
+            values,
+            result.global_returns.float() if params.hvm_enabled else None,
+            result.start_mask if params.hvm_enabled else None,
+            result.scvl_sides,
+            totals.get(METRICS.scvl_pairs, 0.0),
+        )
+        means.update(self._explained_variance(batch.returns, values[..., 0], learn_mask))
+        generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
+        means.update(
+            update_critic(
+                self.critic,
+                self.critic_optimizer,
+                self._critic_lr_scheduler(),
+                batch,
+                params,
+                epochs=self.args.critic_epochs,
+                mini_batch_size=self.args.critic_mini_batch_size or self.args.per_device_train_batch_size,
+                cliprange_value=self.args.cliprange_value,
+                max_grad_norm=self.args.critic_max_grad_norm,
+                generator=generator,
+                autocast=self.accelerator.autocast,
+            )
+        )
+        self._critic_updates += 1
+        means[METRICS.warmup_done] = float(self._warmup_done)
+        return means, totals
+
+    def _core_stage(self, mask, rewards, values, entropy, completion_ids, scores, mode):
+        """`compute_synapo_advantages` over the rows of whole groups, cut to this process's rows.
+
+        Returns:
+            (the core's result over this process's B rows, SCVL sides re-indexed to them; the number of processes
+            whose rows the core saw: 1, or the world size when a group straddles processes).
+        """
+        params, accelerator = self.synapo, self.accelerator
+        B, T = mask.shape
+        world, rank = accelerator.num_processes, accelerator.process_index
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        per_row = {
+            "rewards": rewards,
+            "values": values[..., 0],
+            "global_values": values[..., 1] if params.hvm_enabled else None,
+            "entropy": entropy,
+            "response_ids": completion_ids,
+            "scores": scores,
+            "mask": mask,
+        }
+        scope_world = world if world > 1 and B % num_generations != 0 else 1
+        if scope_world > 1:  # groups straddle processes: every process runs the core on the gathered batch
+            pad = accelerator.pad_across_processes
+            per_row = {
+                name: None if x is None else accelerator.gather(pad(x, dim=1) if x.dim() > 1 else x)
+                for name, x in per_row.items()
+            }
+        first = rank * B if scope_world > 1 else 0  # this process's first row in the core's batch
+        group_ids = ((rank * B if scope_world == 1 else 0) + torch.arange(B * scope_world)) // num_generations
+        result = compute_synapo_advantages(
+            params,
+            rewards=per_row["rewards"],
+            values=per_row["values"],
+            response_mask=per_row["mask"],
+            global_values=per_row["global_values"],
+            entropy=per_row["entropy"],
+            response_ids=per_row["response_ids"],
+            boundary_table=self.boundary_table,
+            scores=per_row["scores"],
+            group_ids=group_ids if params.scvl_enabled else None,
+        )
+        if scope_world == 1:
+            return result, 1
+        mine = slice(first, first + B)
+        for name in ("advantages", "returns", "global_returns", "start_mask"):
+            x = getattr(result, name)
+            setattr(result, name, None if x is None else x[mine, :T])
+        result.valid_rows, result.positive_lm_weights = result.valid_rows[mine], result.positive_lm_weights[mine]
+        if result.scvl_sides is not None:
+            sides = result.scvl_sides
+            here = (sides.rows >= first) & (sides.rows < first + B)
+            kept = SCVLSides(*(x[here] for x in sides))
+            result.scvl_sides = kept._replace(rows=kept.rows - first)
+        return result, scope_world
+
+    def _log_row_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> None:
+        """Show SynAPO's advantages in TRL's completions table: TRL logged its GRPO ones for these rows; replace
+        them by each row's mean over valid tokens (all processes' rows, in TRL's order). `advantages`: (B, T), 0 off
+        `mask`."""
+        row_means = advantages.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        row_means = self.accelerator.gather(row_means).tolist()
+        logged = self._logs["advantages"]
+        for _ in range(min(len(row_means), len(logged))):
+            logged.pop()
+        logged.extend(row_means)
+
+    @staticmethod
+    def _explained_variance(returns, values, mask) -> dict[str, float]:
+        """The critic's held-out numbers (`critic_health`); a method so benchmarks can add their own figures."""
+        return critic_health(returns, values, mask)
