@@ -47,7 +47,7 @@ class Args:
 TIMED = {  # SynAPOTrainer parts timed for the breakdown (method name -> label)
     "_rollout_entropy_for": "entropy (extra policy forward)",
     "_synapo_stage": "synapo stage total (values + advantages + critic update)",
-    "_scvl_scope": "scvl pairs",
+    "_core_stage": "core advantage stage (with scvl pairs)",
 }
 
 
@@ -59,7 +59,7 @@ def run_one(method: str, a: Args) -> dict:
     from trl_synapo import correct, sum_dataset, tiny_policy, tiny_tokenizer
 
     from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
-    from synapo_ext.trl import trainer as trainer_module
+    from synapo_ext.trl import stage as trainer_module  # the module of the trainer's SynAPO stage
 
     common = dict(
         output_dir=f"/tmp/bench_trl_{method}",

@@ -47,8 +47,8 @@ def run(method: str, steps: int, cache_dir: str, sft_steps: int) -> list[float]:
 
     class Record(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "critic/explained_variance" in logs:
-                evs.append(float(logs["critic/explained_variance"]))
+            if logs and "critic/vf_explained_var" in logs:
+                evs.append(float(logs["critic/vf_explained_var"]))
                 if len(evs) % 16 == 0:
                     print(f"[{method}] step {len(evs)}: critic EV {evs[-1]:.3f}", flush=True)
 

@@ -55,9 +55,10 @@ def samples_to(curve: list[dict], threshold: float) -> float | None:
     return None
 
 
-def critic_ev(runs: list[dict], key: str = "critic/explained_variance") -> str:
+def critic_ev(runs: list[dict], key: str = "critic/vf_explained_var") -> str:
     """Median over the runs' optimizer steps of the critic's explained variance (measured before each update)."""
-    evs = sorted(x for r in runs for x in r["train_logs"].get(key, []))
+    old = "critic/explained_variance"  # the name in runs stored before the canonical metric names
+    evs = sorted(x for r in runs for x in r["train_logs"].get(key, r["train_logs"].get(old, [])))
     return f"{evs[len(evs) // 2]:.2f}" if evs else "-"
 
 

@@ -15,7 +15,7 @@ import task_chain
 import torch
 from task_chain import DELIMITER, answer_regex, completion_length, generate, make_tokenizer, parse_prompt
 
-LOGGED = ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance", "critic/vf_loss", "step_time",
+LOGGED = ("reward", "frac_reward_zero_std", "entropy", "critic/vf_explained_var", "critic/vf_loss", "step_time",
           "critic/ev_outcome")  # fmt: skip
 
 
@@ -29,7 +29,7 @@ def log_outcome_ev(trainer) -> None:
         out = own(returns, values, mask)
         scores = (trainer._rewards_per_func * trainer.reward_weights.to(trainer._rewards_per_func.device)).nansum(1)
         outcome = scores.to(values.device)[:, None].expand_as(values)
-        out["critic/ev_outcome"] = own(outcome, values, mask)["critic/explained_variance"]
+        out["critic/ev_outcome"] = own(outcome, values, mask)["critic/vf_explained_var"]
         return out
 
     trainer._explained_variance = both
@@ -300,7 +300,7 @@ def run_one(a, method: str, seed: int) -> dict:
         )
         shown = "  ".join(
             f"{k}={recent[k]:.3f}"
-            for k in ("reward", "frac_reward_zero_std", "entropy", "critic/explained_variance", "critic/ev_outcome")
+            for k in ("reward", "frac_reward_zero_std", "entropy", "critic/vf_explained_var", "critic/ev_outcome")
             if k in recent
         )
         print(
