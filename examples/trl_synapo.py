@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 from transformers.trainer_callback import PrinterCallback
 from trl import TrlParser
 
+from synapo_ext.core import METRICS
 from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
 
 # This script's defaults for the trainer: `--help` shows them, and any can be overridden on the command line. Tuned
@@ -129,7 +130,7 @@ def greedy_accuracy(model, tokenizer) -> float:
 class PrintProgress(TrainerCallback):
     """Every `every` steps: the mean reward of those steps and the critic's health; keeps every step's reward."""
 
-    KEYS = ("critic/vf_loss", "critic/explained_variance", "ea_gae/lambda_mean", "synapo/hvm/segments_mean", "entropy")
+    KEYS = (METRICS.vf_loss, METRICS.explained_variance, METRICS.lambda_mean, METRICS.segments_mean, "entropy")
 
     def __init__(self, every: int):
         self.every, self.rewards, self.pending, self.explained = max(every, 1), [], [], False
@@ -146,10 +147,10 @@ class PrintProgress(TrainerCallback):
             elapsed = time.perf_counter() - self.start
             print(f"step {state.global_step:4d}  {elapsed:6.1f}s  reward={mean:.3f}  {shown}", flush=True)
             self.pending = []
-            if logs.get("critic/explained_variance", 0.0) < -1 and not self.explained:
+            if logs.get(METRICS.explained_variance, 0.0) < -1 and not self.explained:
                 self.explained = True
                 print(
-                    "      explained_variance < -1: the returns of this batch are nearly constant (almost all rewards "
+                    "      vf_explained_var < -1: the returns of this batch are nearly constant (almost all rewards "
                     "equal), so their variance is tiny and any critic error dwarfs it; read vf_loss instead"
                 )
 

@@ -1,7 +1,7 @@
 """What `SynAPOTrainer` assumes about TRL, stated and checked in one place.
 
 The trainer wraps private `GRPOTrainer` methods (TRL issue #4525 recommends it; TRL keeps them stable within a minor
-release but not across them, notes/trl.md section 2). Each assumption below is checked where it is cheap:
+release but not across them). Each assumption below is checked where it is cheap:
 the version and the hooks' signatures when `synapo_ext.trl` is imported, the old-log-prob condition when a trainer is
 built, and the rollout's fields on every rollout.
 

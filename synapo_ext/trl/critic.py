@@ -64,7 +64,7 @@ def build_critic(critic_model: str | PreTrainedModel | None, policy: PreTrainedM
     """
     if critic_model is None:
         config = copy.deepcopy(policy.config)
-        config.num_labels = num_heads  # from_config(num_labels=...) is refused by transformers 5 (notes/trl.md)
+        config.num_labels = num_heads  # from_config(num_labels=...) is refused by transformers 5
         config.problem_type = "regression"
         critic = AutoModelForTokenClassification.from_config(config)
         missing, _ = critic.load_state_dict(policy.state_dict(), strict=False)

@@ -147,14 +147,14 @@ class SynAPOStageMixin:
         B, T = mask.shape
         world, rank = accelerator.num_processes, accelerator.process_index
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        per_row = {
+        per_row = {  # the core's per-row inputs, by its keyword names
             "rewards": rewards,
             "values": values[..., 0],
+            "response_mask": mask,
             "global_values": values[..., 1] if params.hvm_enabled else None,
             "entropy": entropy,
             "response_ids": completion_ids,
             "scores": scores,
-            "mask": mask,
         }
         scope_world = world if world > 1 and B % num_generations != 0 else 1
         if scope_world > 1:  # groups straddle processes: every process runs the core on the gathered batch
@@ -165,18 +165,8 @@ class SynAPOStageMixin:
             }
         first = rank * B if scope_world > 1 else 0  # this process's first row in the core's batch
         group_ids = ((rank * B if scope_world == 1 else 0) + torch.arange(B * scope_world)) // num_generations
-        result = compute_synapo_advantages(
-            params,
-            rewards=per_row["rewards"],
-            values=per_row["values"],
-            response_mask=per_row["mask"],
-            global_values=per_row["global_values"],
-            entropy=per_row["entropy"],
-            response_ids=per_row["response_ids"],
-            boundary_table=self.boundary_table,
-            scores=per_row["scores"],
-            group_ids=group_ids if params.scvl_enabled else None,
-        )
+        group_ids = group_ids if params.scvl_enabled else None
+        result = compute_synapo_advantages(params, boundary_table=self.boundary_table, group_ids=group_ids, **per_row)
         if scope_world == 1:
             return result, 1
         mine = slice(first, first + B)

@@ -95,15 +95,8 @@ class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTra
             args = SynAPOConfig(f"{name.split('/')[-1]}-SynAPO")
         if not isinstance(args, SynAPOConfig):
             raise TypeError(f"`args` (or `config`) must be a SynAPOConfig, got {type(args).__name__}")
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+        # GRPOTrainer's first six parameters, in its order (the TRL release is checked on import, _compat.py)
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
         self.synapo = args.synapo_params()
         policy = self.accelerator.unwrap_model(self.model)
         critic_model = critic_model if critic_model is not None else args.critic_model_name_or_path

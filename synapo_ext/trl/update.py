@@ -3,7 +3,7 @@
 critic loss = value loss (single head) | HVM's two-head loss, + scvl_weight * SCVL (split form, docs/spec.md "SCVL")
 
 The step uses plain `loss.backward()` and a raw torch optimizer on purpose: an accelerate-prepared optimizer skips
-its step on non-sync micro-steps under gradient accumulation and silently freezes the critic (notes/trl.md, 4.1).
+its step on non-sync micro-steps under gradient accumulation and silently freezes the critic.
 Across processes the gradients are averaged by hand, so every rank applies the same update.
 """
 

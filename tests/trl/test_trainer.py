@@ -174,3 +174,15 @@ def test_positive_lm_loss_adds_coef_times_nll(make_trainer):
     mask = inputs["completion_mask"] * positive.unsqueeze(1)
     nll = -(logps * mask).sum() / mask.sum()
     torch.testing.assert_close(with_lm - without, 0.1 * nll / trainer.current_gradient_accumulation_steps)
+
+
+def test_positive_lm_weights_follow_their_own_threshold(make_trainer):
+    # "correct" for the positive-example LM loss is score >= positive_lm_threshold, whatever scvl_threshold says
+    trainer = make_trainer("synapo", positive_lm_threshold=0.5, scvl_threshold=2.0)
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(_inputs(trainer))
+    scores = trainer._rewards_per_func[:, 0]  # first_char_reward: 0 or 1
+    has_tokens = output["completion_mask"].any(dim=1)
+    expected = 0.1 * ((scores >= 0.5) & has_tokens).float()  # coef 0.1 on correct rows with a token
+    assert expected.sum() > 0
+    torch.testing.assert_close(output[LM_WEIGHT], expected)
