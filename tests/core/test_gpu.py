@@ -95,3 +95,36 @@ def test_scvl_on_cuda():
         atol=1e-6,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize("preset", ["synapo", "vapo", "ppo"])
+def test_stage_on_cuda_matches_the_cpu_stage(batch, preset):
+    from synapo_ext.core import compute_synapo_advantages, params_from_preset
+    from synapo_ext.core.backend import use_backend
+
+    b = batch
+    x = {
+        "rewards": b["rewards"],
+        "values": b["values"],
+        "response_mask": b["mask"],
+        "global_values": b["global_values"],
+        "entropy": b["entropy"],
+        "response_ids": b["ids"],
+        "boundary_table": b["table"],
+        "scores": torch.tensor([1.0, 0.0, 1.0]),
+        "group_ids": torch.zeros(3, dtype=torch.long),
+    }
+    params = params_from_preset(preset)
+    with use_backend("torch"):
+        expected = compute_synapo_advantages(params, **x)
+    out = compute_synapo_advantages(params, **{k: _cuda(v) for k, v in x.items()})
+    valid = b["mask"]
+    for name in ("advantages", "returns", "global_returns"):
+        if getattr(expected, name) is not None:
+            torch.testing.assert_close(
+                getattr(out, name).cpu()[valid], getattr(expected, name)[valid], atol=1e-5, rtol=1e-5
+            )
+    if expected.start_mask is not None:
+        assert torch.equal(out.start_mask.cpu(), expected.start_mask)
+    if expected.scvl is not None:
+        assert all(torch.equal(p.cpu(), q) for p, q in zip(out.scvl, expected.scvl, strict=True))
