@@ -8,9 +8,12 @@ there is in docs/verl_real_run.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,7 +134,7 @@ def run(
     assets: dict[str, str] | None = None,
     root: str | None = None,
     dump: str | None = None,
-    timeout: float = 900,
+    timeout: float = 600,
 ) -> Run:
     """One stock verl run as a subprocess; `extra` hydra overrides win over the defaults above.
 
@@ -143,14 +146,28 @@ def run(
     assets = assets or build_assets(os.path.join(root, "assets"))
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides(assets, estimator, root), *extra]
     environ = env()
+    # Ray refuses a temp dir inside a virtualenv (nox points TMPDIR into the session's venv) and its workers then die
+    # at start while the driver waits forever; a short path also keeps Ray's unix sockets under the 107-byte limit
+    environ["RAY_TMPDIR"] = environ["TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     if dump:
         os.makedirs(dump, exist_ok=True)
         environ["SYNAPO_TEST_DUMP"] = dump
     start = time.time()
-    proc = subprocess.run(
-        cmd, cwd=root, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    # its own process group, so a timeout also ends Ray's processes
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    return Run(proc.returncode, proc.stdout, time.time() - start, parse_metrics(proc.stdout))
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        log += f"\n[synapo test] killed after {timeout:.0f} s\n"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's leftovers
+        shutil.rmtree(environ["RAY_TMPDIR"], ignore_errors=True)
+    return Run(proc.returncode, log, time.time() - start, parse_metrics(log))
 
 
 def finite(value: float) -> bool:
