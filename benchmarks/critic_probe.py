@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     a = learning.parse_args(["--task", args.task, "--sft_steps", str(args.sft_steps)]
-                            + (["--cache_dir", args.cache_dir] if args.cache_dir else []))  # fmt: skip
+                            + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
+                            + (["--pretrain_max_rollouts", str(args.pretrain_max_rollouts)]
+                               if args.pretrain_max_rollouts > 0 else []))  # fmt: skip
     task, cfg = learning.task_module(a), learning.task_config(a)
     out_path = args.out or os.path.join(a.out, "critic_probe.md")
     policy, tokenizer = load_policy(task.warm_start(cfg, 0, a.cache_dir))
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         best_lookup = max(ev for name, ev in ceiling_ev.items() if name.startswith("lookup") and ev is not None)
         critic_ev = None
         if args.pretrain_max_rollouts > 0:
-            pretrain_lines, critic_ev = checked_pretrain(policy, tokenizer, task, cfg, data, returns, test, args, log)
+            pretrain_lines, critic_ev = checked_pretrain(policy, tokenizer, a, data, returns, test, log)
         gate_lines = [
             "",
             f"**Gate** (issue 13): lookup value on the true features >= 0.50: {best_lookup:.3f} "
@@ -299,28 +301,27 @@ def checked_diagnosis(policy, data, returns, train, test, args, log) -> list[str
     return rows
 
 
-def checked_pretrain(policy, tokenizer, task, cfg, data, returns, test, args, log):
-    """The learning benchmark's value pre-training (value_pretrain.py, its defaults) on fresh rollouts of the warm
-    start; the resulting critic's EV on the probe's held-out rollouts."""
-    from value_pretrain import PretrainSettings, critic_predict, pretrain_critic
+def checked_pretrain(policy, tokenizer, a, data, returns, test, log):
+    """The learning benchmark's value pre-training (learning_run.pretrained_critic: value_pretrain.py with the
+    benchmark's settings; cached, so the learning run then starts from these very critics) on its own rollouts of
+    the warm start; the resulting critics' EV on the probe's held-out rollouts."""
+    from learning_run import pretrain_settings, pretrained_critic
+    from value_pretrain import critic_predict
 
-    settings = PretrainSettings(max_rollouts=args.pretrain_max_rollouts)
-    stream = [row["prompt"] for row in task.rl_dataset(cfg, n=settings.max_rollouts // 8 + 64, seed=101)]
-    lines = ["", "**Value pre-training** (`value_pretrain.py`, what the learning benchmark runs before RL; "
-             f"settings `{settings}`), on its own rollouts of the warm start:", "",
-             "| heads | rollouts sampled (held-out incl.) | critic steps | EV on its held-out rollouts, per round "
+    lines = ["", "**Value pre-training** (`value_pretrain.py` as the learning benchmark runs it before RL, once per "
+             f"critic shape; settings `{pretrain_settings(a)}`), on its own rollouts of the warm start:", "",
+             "| critic | rollouts sampled (held-out incl.) | critic steps | held-out EV per round of 64 steps "
              "| stopped by | EV on the probe's held-out rollouts |", "|---|---|---|---|---|---|"]  # fmt: skip
     evs = []
-    for heads in (1, 2):
-        log(f"value pre-training, {heads} head(s):")
-        critic, info = pretrain_critic(
-            policy, tokenizer, task, cfg, stream, settings, num_heads=heads, seed=0, log=log
-        )
+    for method, name in (("vapo", "1 head (vapo, no-HVM methods)"), ("synapo", "2 heads (HVM: local, global)")):
+        log(f"value pre-training, {name}:")
+        critic, info = pretrained_critic(a, method, policy, tokenizer, log=log)
+        heads = critic.config.num_labels
         values = critic_predict(critic, {k: v[test] for k, v in data.items()})
         probe_ev = [explained_variance(returns[test], values[..., h], data["mask"][test]) for h in range(heads)]
         evs.append(min(-1.0 if e is None else e for e in probe_ev))
-        per_round = "; ".join(", ".join(f"{e:.3f}" for e in c["ev"]) for c in info["curve"])
-        lines.append(f"| {heads} | {info['rollouts']} | {info['steps']} | {per_round} | {info['stopped']} | "
+        per_round = "; ".join("/".join(f"{e:.2f}" for e in c["ev"]) for c in info["curve"])
+        lines.append(f"| {name} | {info['rollouts']} | {info['steps']} | {per_round} | {info['stopped']} | "
                      + ", ".join(show(e) for e in probe_ev) + " |")  # fmt: skip
     return lines, min(evs)
 

@@ -89,11 +89,14 @@ class Args:
     """critic-only rollout batches before the policy moves (VAPO/SynAPO presets; PPO has none); counted as samples"""
     value_pretrain: bool = False
     """VAPO's value pre-training with a stopping rule (value_pretrain.py) instead of `value_warmup_steps`, for the
-    VAPO/SynAPO methods; its rollouts are counted as samples (default on with --task checked)"""
-    pretrain_max_rollouts: int = 2048
-    """cap of the value pre-training's rollouts (held-out ones included)"""
-    pretrain_target_ev: float = 0.5
-    """value pre-training stops when the critic's held-out explained variance reaches this"""
+    VAPO/SynAPO methods: once per critic shape on the warm start's rollouts, shared by every run and seed like the
+    warm start itself (not in the RL sample budget; reported beside it). Default on with --task checked"""
+    pretrain_max_rollouts: int = 8192
+    """value pre-training's rollouts (held-out ones included), sampled once from the warm start"""
+    pretrain_max_steps: int = 1536
+    """cap on the value pre-training's critic steps (batch 32)"""
+    pretrain_target_ev: float = 0.4
+    """value pre-training stops when the critic's held-out explained variance reaches this (or stops improving)"""
     oracle_k: int = 8
     """oracle arm: continuations per distinct segment-start prefix (not counted in the sample budget)"""
     oracle_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -138,7 +141,8 @@ def apply_quick(a: Args) -> Args:
         value_warmup_steps=2, sft_steps=300, out=os.path.join(HERE, "results", "learning_quick"),
     )  # fmt: skip
     if a.task == "checked":
-        quick.update(methods=["grpo", "synapo", "synapo-oracle"], oracle_k=2, pretrain_max_rollouts=256,
+        quick.update(methods=["grpo", "synapo", "synapo-oracle"], oracle_k=2, pretrain_max_rollouts=320,
+                     pretrain_max_steps=64,
                      out=os.path.join(HERE, "results", "checked_quick"))  # fmt: skip
         default = dataclasses.replace(default, methods=CHECKED_METHODS, out=os.path.join(HERE, "results", "checked"))
     return dataclasses.replace(a, **{k: v for k, v in quick.items() if getattr(a, k) == getattr(default, k)})
@@ -156,7 +160,10 @@ def task_config(a: Args):
 
 
 # fields added after the chain's table: left out of the setup key at their defaults (its finished runs still match)
-NEW_FIELDS = ("task", "value_pretrain", "pretrain_max_rollouts", "pretrain_target_ev", "oracle_k", "oracle_seeds")
+NEW_FIELDS = (
+    "task", "value_pretrain", "pretrain_max_rollouts", "pretrain_max_steps", "pretrain_target_ev", "oracle_k",
+    "oracle_seeds",
+)  # fmt: skip
 
 
 def setup_key(a: Args) -> str:
@@ -166,7 +173,7 @@ def setup_key(a: Args) -> str:
     blob = {k: v for k, v in asdict(a).items() if k not in skip}
     blob = {k: v for k, v in blob.items() if k not in NEW_FIELDS or v != getattr(default, k)}
     if not a.value_pretrain:  # unused settings do not split the setup
-        for k in ("pretrain_max_rollouts", "pretrain_target_ev"):
+        for k in ("pretrain_max_rollouts", "pretrain_max_steps", "pretrain_target_ev"):
             blob.pop(k, None)
     blob["task"] = asdict(task_config(a))
     if a.task != "chain":

@@ -208,25 +208,40 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
     )
 
 
-def pretrained_critic(a, method: str, seed: int, model, tokenizer, log=print):
-    """(critic, info): VAPO's value pre-training on the warm start's own rollouts (value_pretrain.py), cached per
-    (setup, number of heads, seed) so a resumed run does not redo it (its rollouts still count as samples)."""
+def pretrain_settings(a):
+    from value_pretrain import PretrainSettings
+
+    held_out = min(512, a.pretrain_max_rollouts // 5)  # 512 at the default 8192; smaller for --quick
+    return PretrainSettings(
+        upfront=True,
+        max_rollouts=a.pretrain_max_rollouts,
+        held_out=held_out,
+        round_rollouts=held_out,
+        steps_per_round=64,
+        max_steps=a.pretrain_max_steps,
+        target_ev=a.pretrain_target_ev,
+        patience=5,
+        min_gain=0.01,
+    )
+
+
+def pretrained_critic(a, method: str, model, tokenizer, log=print):
+    """(critic, info): VAPO's value pre-training on the warm start's rollouts (value_pretrain.py), once per critic
+    shape (1 head, or 2 with HVM) and shared by every method and seed, like the warm start; cached. The critic
+    probe (`critic_probe.py --task checked`) runs the same pre-training and reports it."""
     from learning import setup_key, task_config, task_module
     from transformers import AutoModelForTokenClassification
-    from value_pretrain import PretrainSettings, pretrain_critic
+    from value_pretrain import pretrain_critic
 
     heads = 1 if method in ("vapo", "vapo-lambda1", "synapo-no-hvm") else 2
-    path = os.path.join(a.cache_dir, f"pretrain_{setup_key(a)}_{heads}h_s{seed}")
+    path = os.path.join(a.cache_dir, f"pretrain_{setup_key(a)}_{heads}h")
     if os.path.exists(os.path.join(path, "info.json")):
         with open(os.path.join(path, "info.json")) as f:
             return AutoModelForTokenClassification.from_pretrained(path), json.load(f)
     task, cfg = task_module(a), task_config(a)
-    chunk = min(256, a.pretrain_max_rollouts // 4)  # 256 at the default cap; smaller rounds for --quick
-    settings = PretrainSettings(
-        max_rollouts=a.pretrain_max_rollouts, target_ev=a.pretrain_target_ev, held_out=chunk, round_rollouts=chunk
-    )
-    prompts = [row["prompt"] for row in task.rl_dataset(cfg, n=settings.max_rollouts // 8 + 64, seed=seed + 5000)]
-    critic, info = pretrain_critic(model, tokenizer, task, cfg, prompts, settings, num_heads=heads, seed=seed, log=log)
+    settings = pretrain_settings(a)
+    prompts = [row["prompt"] for row in task.rl_dataset(cfg, n=settings.max_rollouts // 8 + 64, seed=5000)]
+    critic, info = pretrain_critic(model, tokenizer, task, cfg, prompts, settings, num_heads=heads, seed=0, log=log)
     critic.save_pretrained(path + ".tmp")
     with open(os.path.join(path + ".tmp", "info.json"), "w") as f:
         json.dump(info, f)
@@ -330,14 +345,10 @@ def run_one(a, method: str, seed: int) -> dict:
     evaluate(0)
     critic, pretrain = None, None
     if uses_pretrain(a, method):
-        critic, pretrain = pretrained_critic(
-            a, method, seed, model, tokenizer, log=lambda m: print(tag, m, flush=True)
-        )
-        seen["samples"] += pretrain["rollouts"]  # the pre-training's rollouts are part of the budget
-        curve.append({**curve[0], "samples": seen["samples"]})  # RL starts here: the policy has not moved
+        critic, pretrain = pretrained_critic(a, method, model, tokenizer, log=lambda m: print(tag, m, flush=True))
         print(
-            f"{tag} value pre-training: {pretrain['rollouts']} rollouts, {pretrain['steps']} critic steps, held-out "
-            f"EV {pretrain['final_ev']} ({pretrain['stopped']}, {pretrain['seconds']:.0f}s)",
+            f"{tag} value pre-training (shared, outside the budget): {pretrain['rollouts']} rollouts, "
+            f"{pretrain['steps']} critic steps, held-out EV {pretrain['final_ev']} ({pretrain['stopped']})",
             flush=True,
         )
     elif method.endswith("-oracle"):

@@ -45,6 +45,8 @@ class PretrainSettings:
     min_gain: float = 0.02  # ... or when it gained less than this over `patience` rounds
     patience: int = 2
     cliprange_value: float | None = 0.5  # the trainer's value clip (around the values before each round)
+    upfront: bool = False  # sample every rollout first (one pool), then train in rounds of `steps_per_round`
+    max_steps: int = 0  # with `upfront`: cap on critic steps
 
 
 def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> float | None:
@@ -149,14 +151,14 @@ def pretrain_critic(policy, tokenizer, task, cfg, prompts: list[str], s: Pretrai
     steps, best, since_best, reason = 0, -math.inf, 0, "max_rollouts"
     T = held["mask"].size(1)
     r = 0
-    while used + s.round_rollouts <= s.max_rollouts:
-        lo = s.held_out + r * s.round_rollouts
-        pool.append(
-            sample_rollouts(policy, tokenizer, task, cfg, expand[lo : lo + s.round_rollouts], seed * 7919 + 2 + r)
-        )
-        used += s.round_rollouts
-        data = concat(pool)
-        returns = data["score"][:, None] * data["mask"]
+    while used + s.round_rollouts <= s.max_rollouts or (s.upfront and r > 0):
+        if r == 0 or not s.upfront:  # upfront: one pool of every rollout, sampled before the first round
+            size = s.max_rollouts - s.held_out if s.upfront else s.round_rollouts
+            lo = s.held_out + r * s.round_rollouts
+            pool.append(sample_rollouts(policy, tokenizer, task, cfg, expand[lo : lo + size], seed * 7919 + 2 + r))
+            used += size
+            data = concat(pool)
+            returns = data["score"][:, None] * data["mask"]
         if r == 0:
             init_head(critic, s.head_init, data, returns, s.ridge, seed)
         old = critic_predict(critic, data) if s.cliprange_value is not None else None
@@ -185,6 +187,9 @@ def pretrain_critic(policy, tokenizer, task, cfg, prompts: list[str], s: Pretrai
             f"{[round(e or 0, 3) for e in evs]}"
         )
         r += 1
+        if s.upfront and steps >= s.max_steps:
+            reason = "max_steps"
+            break
         if ev >= s.target_ev:
             reason = "target_ev"
             break
