@@ -52,8 +52,9 @@ METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "
 # the oracle-value arm (oracle_values.py): Monte-Carlo values at segment starts instead of the learned critic
 ORACLE_METHODS = ["vapo-oracle", "synapo-oracle"]
 EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS]
-# the checked task's full run (issue 13): the 9 methods of the chain's table, then the oracle arm
-CHECKED_METHODS = [*METHODS, "vapo-lambda1", *ORACLE_METHODS]
+# the checked task's full run (issue 13): the chain table's 9 methods and the oracle arm, the main comparison first
+CHECKED_METHODS = ["grpo", "vapo", "synapo", *ORACLE_METHODS, "ppo", "synapo-no-hvm", "synapo-no-scvl",
+                   "synapo-no-eagae", "synapo-beta-neg", "vapo-lambda1"]  # fmt: skip
 
 
 @dataclass
