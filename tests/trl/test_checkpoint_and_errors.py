@@ -159,7 +159,7 @@ def _in_critic_part(args):
 SAVE_STAGES = {
     "trl_model_written": ("transformers.Trainer", "_save_optimizer_and_scheduler", None),
     "trl_state": ("transformers.TrainerState", "save_to_json", None),
-    "critic_not_started": ("synapo_ext.trl.trainer", "save_critic_state", None),
+    "critic_not_started": ("synapo_ext.trl.checkpoint", "save_critic_state", None),
     "critic_weights_written": ("torch", "save", _in_critic_part),
     "critic_before_manifest": ("synapo_ext.trl.critic", "_write_json", lambda a: "manifest" in str(a[0])),
     "critic_before_rename": ("os", "replace", _in_critic_part),
