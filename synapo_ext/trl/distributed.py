@@ -30,6 +30,8 @@ from transformers import AutoModelForTokenClassification, PretrainedConfig, PreT
 __all__ = [
     "PreparedCritic",
     "critic_backend",
+    "critic_config",
+    "critic_deepspeed_config",
     "critic_step",
     "export_critic",
     "init_critic_meta",
@@ -192,7 +194,8 @@ def prepare_critic(
     Args:
         accelerator: the trainer's `Accelerator` (its distributed type, mixed precision and FSDP / DeepSpeed plugin).
         critic: a token-classification model; on the meta device (`init_critic_meta`) it needs `policy`.
-        policy: the policy, *already prepared* under FSDP2 (its shards seed the critic's); used only for a meta critic.
+        policy: when given, the critic's backbone is copied from it and its head zeroed (required for a meta critic);
+            under FSDP2 pass the policy *already prepared*, so shards copy to shards.
         gradient_checkpointing: the policy's `args.gradient_checkpointing` (FSDP2's own activation checkpointing is
             applied by accelerate to both models).
         micro_batch_size: the critic's mini-batch per rank (DeepSpeed's `train_micro_batch_size_per_gpu`).
@@ -223,17 +226,22 @@ def prepare_critic(
         critic, _ = accelerator.prepare(critic, adamw(critic.parameters()))
         if meta:
             critic.to_empty(device=accelerator.device)
+        if policy is not None:
             load_critic_from_policy(critic, accelerator.unwrap_model(policy))
         return PreparedCritic(critic, adamw(critic.parameters()), backend)
     if meta:
         critic.to_empty(device=accelerator.device)
+    if policy is not None:
         load_critic_from_policy(critic, accelerator.unwrap_model(policy))
     model = accelerator.prepare_model(critic)  # DDP when num_processes > 1; autocast wrapper for mixed precision
     return PreparedCritic(model, adamw(critic.parameters()), backend)
 
 
-def _ds_config(accelerator, micro_batch_size: int, max_grad_norm: float | None) -> dict:
-    """The policy's DeepSpeed config for a second engine: own batch sizes, no accumulation, no scheduler."""
+def critic_deepspeed_config(accelerator, micro_batch_size: int, max_grad_norm: float | None) -> dict:
+    """The policy's DeepSpeed config for the critic's own engine: own batch sizes, no accumulation, no scheduler.
+
+    Build a ZeRO-3 critic inside `deepspeed.zero.Init(config_dict_or_path=critic_deepspeed_config(...))` (after
+    `deepspeed.init_distributed()`), so no rank holds it whole."""
     plugin = accelerator.state.deepspeed_plugin
     config = copy.deepcopy(plugin.deepspeed_config)
     config.pop("scheduler", None)
@@ -257,7 +265,7 @@ def _prepare_deepspeed(accelerator, critic, adamw, policy, micro_batch_size, max
         import deepspeed
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError("the accelerate config uses DeepSpeed but `deepspeed` is not installed") from err
-    config = _ds_config(accelerator, micro_batch_size, max_grad_norm)
+    config = critic_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
     if _is_meta(critic):
         raise ValueError(
             "under DeepSpeed build the critic inside `deepspeed.zero.Init` (transformers' `from_pretrained` / "
@@ -265,6 +273,8 @@ def _prepare_deepspeed(accelerator, critic, adamw, policy, micro_batch_size, max
         )
     if policy is not None and config["zero_optimization"].get("stage", 0) == 3:
         _copy_policy_zero3(critic, policy)
+    elif policy is not None:
+        load_critic_from_policy(critic, accelerator.unwrap_model(policy))
     engine, optimizer, _, _ = deepspeed.initialize(model=critic, optimizer=adamw(critic.parameters()), config=config)
     return PreparedCritic(engine, optimizer, "deepspeed", engine=engine)
 
