@@ -145,7 +145,11 @@ def load_critic_from_policy(critic: nn.Module, policy: nn.Module) -> list[str]:
             fresh.append(name)
             continue
         if hasattr(param, "to_local"):
-            same = hasattr(src, "to_local") and src.placements == param.placements and src.device_mesh == param.device_mesh
+            same = (
+                hasattr(src, "to_local")
+                and src.placements == param.placements
+                and src.device_mesh == param.device_mesh
+            )
             if same:
                 param.to_local().copy_(src.to_local())
             else:

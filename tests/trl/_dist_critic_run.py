@@ -83,7 +83,7 @@ def train(prepared: PreparedCritic, rows: slice, steps: int, seed0: int) -> None
         loss = loss_of(prepared.model, ids[rows], target[rows])
         norm = critic_step(prepared, loss, max_grad_norm=CLIP)
         if os.environ.get("DEBUG_CRITIC"):
-            print(prepared.backend, step, float(loss), float(norm), flush=True)
+            sys.stderr.write(f"{prepared.backend} {step} {float(loss)} {float(norm)}\n")
 
 
 def main(mode: str, out: str) -> None:
@@ -95,7 +95,9 @@ def main(mode: str, out: str) -> None:
     # 1-process reference: the whole batch, a plain critic, a plain AdamW (identical on every rank)
     reference_policy = make_policy(tok, seed=0)
     reference = build_critic(None, reference_policy, num_heads=2).eval()  # eval: its head has dropout 0.1
-    ref = PreparedCritic(reference, torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0, **ADAM), "single")
+    ref = PreparedCritic(
+        reference, torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0, **ADAM), "single"
+    )
     initial_reference = full_state(reference)
     train(ref, slice(0, B), STEPS, seed0=1)
 
@@ -112,7 +114,7 @@ def main(mode: str, out: str) -> None:
     diffs = {k: float((after[k] - v).abs().max()) for k, v in full_state(reference).items()}
     max_diff = max(diffs.values())
     if os.environ.get("DEBUG_CRITIC"):
-        print(sorted(diffs.items(), key=lambda kv: -kv[1])[:4], flush=True)
+        sys.stderr.write(f"{sorted(diffs.items(), key=lambda kv: -kv[1])[:4]}\n")
 
     # save, go on MORE steps; load into a fresh critic, same MORE steps: the states must agree bitwise
     ckpt = os.path.join(out, "checkpoint")
@@ -120,7 +122,9 @@ def main(mode: str, out: str) -> None:
     export_critic(accelerator, prepared, os.path.join(ckpt, "critic"))
     train(prepared, rows, MORE, seed0=100)
     continued = digest(full_state(prepared.model))
-    fresh = prepare_critic(accelerator, init_critic_meta(critic.config, num_heads=2), learning_rate=LR, policy=policy, **ADAM)
+    fresh = prepare_critic(
+        accelerator, init_critic_meta(critic.config, num_heads=2), learning_rate=LR, policy=policy, **ADAM
+    )
     load_critic_sharded(accelerator, fresh, ckpt)
     loaded = digest(full_state(fresh.model)) == digest(after)
     train(fresh, rows, MORE, seed0=100)
