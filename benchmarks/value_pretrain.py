@@ -138,7 +138,7 @@ def pretrain_critic(policy, tokenizer, task, cfg, prompts: list[str], s: Pretrai
 
     start = time.perf_counter()
     group = 8
-    need = (s.held_out + s.max_rollouts) // group + 1
+    need = -(-s.max_rollouts // group)  # held-out and training rollouts together never exceed max_rollouts
     if len(prompts) < need:
         raise ValueError(f"pretrain_critic needs {need} prompts, got {len(prompts)}")
     expand = [p for p in prompts for _ in range(group)]
