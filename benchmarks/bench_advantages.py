@@ -238,15 +238,17 @@ def bench_size(B: int, T: int, args: Args, backends: list[str]) -> dict:
             first.append(time.perf_counter() - t0)
         slow = name in ("loop", "verl")
         allowed[name] = max(1, min(args.repeats, int(args.loop_budget_s / first[0]))) if slow else args.repeats
-        row["timings"][name] = {"first_s": first[0] if first else None, "times_s": []}
+        row["timings"][name] = {"first_s": first[0] if first else None, "times_s": [], "cpu_s": []}
     for i in range(args.repeats):
         for name, fn in fns.items():
             if i < allowed[name]:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 row["timings"][name]["times_s"].append(time.perf_counter() - t0)
+                row["timings"][name]["cpu_s"].append(time.process_time() - c0)
     for name, t in row["timings"].items():
         t["median_s"] = statistics.median(t["times_s"])
+        t["median_cpu_s"] = statistics.median(t["cpu_s"])  # CPU seconds of all threads: less sensitive to load
         print(f"  B={B:5d} T={T:6d} {name:14s} {t['median_s'] * 1e3:10.1f} ms (n={len(t['times_s'])})")
     (a_ref, g_ref), (a, g) = fns["loop"](), fns["gae[auto]"]()
     valid = x["response_mask"].bool()
@@ -357,7 +359,8 @@ def timing_table(results: list[dict], backends: list[str]) -> str:
     head = ["B", "T", "loop ms (n)"] + (["verl ms"] if has_verl else [])
     for b in backends:
         head += [f"stage {b} ms", "x loop"] + (["x verl"] if has_verl else [])
-    head += ["stage auto 1st call ms", "vapo auto ms", "x loop", "GAE auto ms", "max abs diff A / G vs loop"]
+    head += ["CPU s: loop / stage auto", "x loop (CPU)", "stage auto 1st call ms", "vapo auto ms", "x loop"]
+    head += ["GAE auto ms", "max abs diff A / G vs loop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * (len(head) - 1) + "---|"]
     for row in results:
         loop = ms(row, "loop")
@@ -372,6 +375,8 @@ def timing_table(results: list[dict], backends: list[str]) -> str:
         first = row["timings"].get("stage[auto]", {}).get("first_s")
         vapo = ms(row, "vapo[auto]") if "vapo[auto]" in row["timings"] else float("nan")
         diff = row["max_abs_diff_vs_loop"]
+        cpu_loop, cpu_stage = (row["timings"][name]["median_cpu_s"] for name in ("loop", "stage[auto]"))
+        cells += [f"{cpu_loop:.2f} / {cpu_stage:.3f}", f"{cpu_loop / cpu_stage:.1f}x"]
         cells += [
             f"{first * 1e3:.0f}" if first else "-",
             f"{vapo:.1f}",
@@ -440,7 +445,8 @@ def main() -> None:
         "# Advantage stage on the CPU: the per-token GAE loop (verl's) vs synapo_ext's whole stage\n\n"
         f"Command: `{command}`\n\nVersions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + "\n\n"
         f"Medians of {args.repeats} round-robin rounds after {args.warmup} warm-up call(s) (the loop: fewer rounds "
-        "where one call is slow, see n). `x loop` = loop time / stage time, measured in the same run. "
+        "where one call is slow, see n). `x loop` = loop time / stage time, measured in the same run; "
+        "`x loop (CPU)`: the same ratio of CPU seconds (all threads), which other work on the machine skews less. "
         f"import synapo_ext.core: {import_core_s * 1e3:.0f} ms. Load average (1 min) at the end: "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs.\n\n"
         "Peak memory: extra resident bytes during one call over the inputs (child process, see the script's "
