@@ -54,7 +54,8 @@ def build_critic(critic_model: str | PreTrainedModel | None, policy: PreTrainedM
 
     Args:
         critic_model: a path / hub id of a token-classification model, a model, or None (copy the policy's
-            backbone; the value head is zero, so every value starts at 0).
+            backbone; the value head is zero, so every value starts at 0). Built here (None or a path), the
+            critic has no dropout before its head (`classifier_dropout=0`); a model passed in is used as it is.
         policy: the policy model (its config and weights seed a `None` critic; its vocabulary is the reference).
         num_heads: 2 with HVM (head 0 local, head 1 global), else 1.
         **kwargs: passed to `from_pretrained` for a path.
@@ -66,6 +67,7 @@ def build_critic(critic_model: str | PreTrainedModel | None, policy: PreTrainedM
         config = copy.deepcopy(policy.config)
         config.num_labels = num_heads  # from_config(num_labels=...) is refused by transformers 5
         config.problem_type = "regression"
+        config.classifier_dropout = 0.0  # a value head regresses: transformers' token classifiers default to 0.1
         critic = AutoModelForTokenClassification.from_config(config)
         missing, _ = critic.load_state_dict(policy.state_dict(), strict=False)
         head = critic.get_output_embeddings() or getattr(critic, "score", None)
@@ -76,6 +78,7 @@ def build_critic(critic_model: str | PreTrainedModel | None, policy: PreTrainedM
         logger.info("critic initialised from the policy; fresh parameters: %s", missing)
         critic.to(dtype=next(policy.parameters()).dtype)
     elif isinstance(critic_model, str):
+        kwargs.setdefault("classifier_dropout", 0.0)  # as above
         critic = AutoModelForTokenClassification.from_pretrained(critic_model, num_labels=num_heads, **kwargs)
     elif isinstance(critic_model, nn.Module):
         critic = critic_model
@@ -97,8 +100,17 @@ def build_critic(critic_model: str | PreTrainedModel | None, policy: PreTrainedM
 def critic_values(
     critic: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
 ) -> torch.Tensor:
-    """float32 (B, T, H): V(s_t) for the last `logits_to_keep` tokens of `input_ids` (the completion)."""
-    logits = critic(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, P + T, H)
+    """float32 (B, T, H): V(s_t) for the last `logits_to_keep` tokens of `input_ids` (the completion).
+
+    Rollout-time values are the critic's deterministic prediction: evaluated in eval mode (no dropout), whatever
+    mode the critic was left in by its last update.
+    """
+    was_training = critic.training
+    critic.eval()
+    try:
+        logits = critic(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, P + T, H)
+    finally:
+        critic.train(was_training)
     return logits[:, -logits_to_keep - 1 : -1].float()
 
 

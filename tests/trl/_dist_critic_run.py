@@ -94,7 +94,7 @@ def main(mode: str, out: str) -> None:
 
     # 1-process reference: the whole batch, a plain critic, a plain AdamW (identical on every rank)
     reference_policy = make_policy(tok, seed=0)
-    reference = build_critic(None, reference_policy, num_heads=2).eval()  # eval: its head has dropout 0.1
+    reference = build_critic(None, reference_policy, num_heads=2).eval()
     ref = PreparedCritic(
         reference, torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.0, **ADAM), "single"
     )

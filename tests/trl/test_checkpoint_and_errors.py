@@ -259,3 +259,24 @@ def test_a_partial_or_mismatched_critic_part_is_refused(make_trainer, tmp_path):
     (critic_dir / "critic_manifest.json").unlink()
     with pytest.raises(IncompleteCheckpointError, match="critic_manifest.json"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_critic_values_are_deterministic_and_the_head_has_no_dropout(tokenizer):
+    """Rollout-time values are the critic's prediction, not a dropout sample (its last update leaves it in train
+    mode); a critic built here regresses without dropout before its head."""
+    import torch
+
+    from synapo_ext.trl.critic import build_critic, critic_values
+
+    critic = build_critic(None, make_policy(tokenizer), num_heads=2)
+    assert all(m.p == 0.0 for m in critic.modules() if isinstance(m, torch.nn.Dropout))
+    with torch.no_grad():
+        for m in critic.modules():  # a critic with dropout (e.g. passed in by the user), left in train mode
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.5
+        torch.nn.init.normal_(critic.score.weight)
+    critic.train()
+    ids = torch.randint(2, len(tokenizer), (2, 7))
+    first = critic_values(critic, ids, torch.ones_like(ids), 4)
+    assert torch.equal(first, critic_values(critic, ids, torch.ones_like(ids), 4))
+    assert critic.training  # its mode is restored
