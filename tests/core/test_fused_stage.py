@@ -120,3 +120,25 @@ def test_fused_stage_bf16_inputs_compute_in_float32():
     assert out.advantages.dtype == torch.float32
     valid = x["response_mask"].bool()
     torch.testing.assert_close(out.advantages[valid], expected.advantages[valid], atol=3e-6, rtol=1e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("preset", ["synapo", "vapo"])
+def test_row_parallel_kernels_match_the_serial_ones(preset, monkeypatch):
+    from synapo_ext.core import backend
+
+    x = _batch(4)
+    x["rewards"][2, 0] = float("inf")  # a flagged row in the parallel loop too
+    p = _params(preset, 4)
+    with use_backend("numba"):
+        with pytest.raises(ValueError, match="rewards"):
+            compute_synapo_advantages(p, **x)
+        x["rewards"][2, 0] = 0.0
+        expected = compute_synapo_advantages(p, **x, return_lam=True)
+        monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 0)  # every batch takes the row-parallel kernels
+        out = compute_synapo_advantages(p, **x, return_lam=True)
+        with pytest.raises(ValueError, match="rewards"):
+            compute_synapo_advantages(p, **(x | {"rewards": x["rewards"].clone().fill_(float("nan"))}))
+    for name in ("advantages", "returns", "global_returns", "start_mask", "lam"):
+        want, got = getattr(expected, name), getattr(out, name)
+        assert (want is None and got is None) or torch.equal(got, want), name
