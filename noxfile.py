@@ -55,7 +55,9 @@ def _install(session: nox.Session, extras: str) -> None:
     session.run("python", str(tmp / "versions.py"))
 
 
-def _pytest(session: nox.Session, *args: str, host: str = "", allow_empty: bool = False) -> None:
+def _pytest(
+    session: nox.Session, *args: str, host: str = "", allow_empty: bool = False, env: dict | None = None
+) -> None:
     """Run pytest on `args`. Exit code 5 (no test collected) fails unless `allow_empty`.
 
     `host` sets SYNAPO_REQUIRE_HOST, which tests/conftest.py turns into "this host must import; a skip
@@ -65,7 +67,7 @@ def _pytest(session: nox.Session, *args: str, host: str = "", allow_empty: bool 
         "pytest",
         *args,
         *session.posargs,
-        env={"SYNAPO_REQUIRE_HOST": host},
+        env={"SYNAPO_REQUIRE_HOST": host, **(env or {})},
         success_codes=[0, 5] if allow_empty else [0],
     )
 
@@ -86,7 +88,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def core(session: nox.Session) -> None:
-    """tests/core with torch alone: the proof that `synapo_ext.core` needs no host library."""
+    """tests/core on the pure-torch path (`SYNAPO_EXT_BACKEND=torch`: the fallback and the GPU path), in an
+    environment with no host library: the proof that `synapo_ext.core` needs none."""
     _install(session, "dev")
     session.run(
         "python",
@@ -102,13 +105,13 @@ def core(session: nox.Session) -> None:
         f"loaded = [h for h in {HOSTS!r} if h in sys.modules]\n"
         "sys.exit(f'importing synapo_ext.core loaded {loaded}' if loaded else 0)",
     )
-    _pytest(session, "tests/core")
+    _pytest(session, "tests/core", env={"SYNAPO_EXT_BACKEND": "torch"})
 
 
 @nox.session
 def fast(session: nox.Session) -> None:
-    """tests/core again with numba installed (`synapo-ext[fast]`): the compiled backend that `auto` then picks."""
-    _install(session, "fast,dev")
+    """tests/core on the default path (`auto`: numba's fused kernels, a default dependency); numba must import."""
+    _install(session, "dev")
     _pytest(session, "tests/core", host="numba")
 
 
