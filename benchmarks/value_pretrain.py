@@ -145,6 +145,7 @@ def pretrain_critic(policy, tokenizer, task, cfg, prompts: list[str], s: Pretrai
     held = sample_rollouts(policy, tokenizer, task, cfg, expand[: s.held_out], seed=seed * 7919 + 1)
     held_returns = held["score"][:, None] * held["mask"]
     used, pool, curve = s.held_out, [], []
+    torch.manual_seed(seed)  # the critic's fresh parameters and its dropout: the same whatever ran before
     critic = critic if critic is not None else build_critic(None, policy, num_heads=num_heads)
     optimizer = torch.optim.AdamW(critic.parameters(), lr=s.lr)
     gen = torch.Generator().manual_seed(seed)
@@ -161,6 +162,7 @@ def pretrain_critic(policy, tokenizer, task, cfg, prompts: list[str], s: Pretrai
             returns = data["score"][:, None] * data["mask"]
         if r == 0:
             init_head(critic, s.head_init, data, returns, s.ridge, seed)
+            torch.manual_seed(seed)  # dropout: after sampling, whose generate calls reseed the global generator
         old = critic_predict(critic, data) if s.cliprange_value is not None else None
         critic.train()
         for _ in range(s.steps_per_round):
