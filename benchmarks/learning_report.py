@@ -153,8 +153,14 @@ def write_report(a, key: str, header: list[str]) -> str:
             TASKS[task],
             "",
             f"Setup `{key}`: every method starts from the same warm start (greedy held-out accuracy "
-            f"{100 * start:.1f} %) and gets {budget} generated completions (critic warm-up rollouts included). "
-            f"Accuracy = greedy pass@1 on {n_eval} held-out prompts (strict format, final answer right), in %. "
+            f"{100 * start:.1f} %) and gets {budget} generated completions ("
+            + (
+                "critic warm-up rollouts included). "
+                if task == "chain"
+                else "the shared value pre-training's "
+                "rollouts not included: see 'value start'; the oracle's continuations not included either). "
+            )
+            + f"Accuracy = greedy pass@1 on {n_eval} held-out prompts (strict format, final answer right), in %. "
             f"Intervals are 95 % t intervals over seeds; differences use Welch's interval. 'critic EV': median "
             "over all steps and seeds of the critic's explained variance on each new rollout batch, before the "
             "critic's update on it (1 = perfect values, 0 = no better than a constant; `critic_probe.md` measures "
