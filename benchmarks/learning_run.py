@@ -68,7 +68,7 @@ def sampled_accuracy(model, tokenizer, prompts, cfg, n: int, seed: int, task=tas
 
 def picture_responses(a, path: str) -> list[dict]:
     """Fixed held-out responses of the warm start (T=1): two with one wrong step, one correct. Cached."""
-    from learning import task_config, task_module
+    from learning_setup import task_config, task_module
 
     cache = os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")
     if os.path.exists(cache):
@@ -229,7 +229,7 @@ def pretrained_critic(a, method: str, model, tokenizer, log=print):
     """(critic, info): VAPO's value pre-training on the warm start's rollouts (value_pretrain.py), once per critic
     shape (1 head, or 2 with HVM) and shared by every method and seed, like the warm start; cached. The critic
     probe (`critic_probe.py --task checked`) runs the same pre-training and reports it."""
-    from learning import setup_key, task_config, task_module
+    from learning_setup import setup_key, task_config, task_module
     from transformers import AutoModelForTokenClassification
     from value_pretrain import pretrain_critic
 
@@ -250,7 +250,7 @@ def pretrained_critic(a, method: str, model, tokenizer, log=print):
 
 
 def oracle_critic(a, method: str, seed: int, model, tokenizer):
-    from learning import task_config, task_module
+    from learning_setup import task_config, task_module
     from oracle_values import MCOracleCritic
 
     task, cfg = task_module(a), task_config(a)
@@ -270,7 +270,7 @@ def oracle_critic(a, method: str, seed: int, model, tokenizer):
 
 
 def task_cfg(a):
-    from learning import task_config
+    from learning_setup import task_config
 
     return task_config(a)
 
@@ -279,7 +279,7 @@ def run_one(a, method: str, seed: int) -> dict:
     """Train `method` from the warm start with RL seed `seed`; write and return its result."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per step
-    from learning import run_path, setup_key, task_module
+    from learning_setup import run_path, setup_key, task_module
     from transformers import PrinterCallback, TrainerCallback
 
     tag, cfg, wall0, task = f"[{method} s{seed}]", task_cfg(a), time.perf_counter(), task_module(a)
