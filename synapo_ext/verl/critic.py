@@ -27,17 +27,12 @@ from .fields import (
     GLOBAL_RETURNS,
     GLOBAL_VALUES,
     HVM_FIELDS,
-    SCVL_DIVERGE,
     SCVL_FIELDS,
-    SCVL_PARTNER,
-    SCVL_SIGN,
     START_MASK,
     dense_rows,
 )
 
 __all__ = ["synapo_value_loss"]
-
-SCVL_FIELDS_BY_USE = (SCVL_SIGN, SCVL_DIVERGE, SCVL_PARTNER)
 
 
 def _require(data: Any, names: tuple[str, ...], part: str) -> None:
@@ -77,7 +72,7 @@ def _scvl_loss(params: Any, model_output: dict, data: Any) -> torch.Tensor:
 
     _require(data, SCVL_FIELDS, "SCVL")
     vpreds = no_padding_2_padding(model_output["values"], data)
-    sign, diverge, partner = (dense_rows(data[k], k).to(vpreds.device) for k in SCVL_FIELDS_BY_USE)
+    sign, diverge, partner = (dense_rows(data[k], k).to(vpreds.device) for k in SCVL_FIELDS)
     rows, slots = torch.nonzero(sign, as_tuple=True)
     sides = max(tu.get_non_tensor_data(data, NUM_SCVL_SIDES, 0.0), 1.0)
     hinge = scvl_split_loss(
