@@ -26,6 +26,7 @@ __all__ = [
     "check_critic_state",
     "check_resumable",
     "critic_values",
+    "is_sharded_checkpoint",
     "load_critic_state",
     "save_critic_state",
 ]
@@ -123,19 +124,32 @@ class IncompleteCheckpointError(ValueError):
 
 
 def save_critic_state(
-    output_dir: str, critic: nn.Module, optimizer=None, scheduler=None, state: dict | None = None
+    output_dir: str,
+    critic: nn.Module,
+    optimizer=None,
+    scheduler=None,
+    state: dict | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    sharded_dir: str | None = None,
 ) -> str:
     """Write `output_dir/critic/` complete or not at all; returns its path.
 
-    Everything goes into a temporary sibling folder: the weights (safetensors + config, `from_pretrained` loads them),
-    then, if given, the optimizer's and scheduler's `state_dict()`s and the trainer's counters (`state`), and last a
-    manifest of every file and its size. The folder is then renamed to `critic/` (atomic on one file system), so a
-    kill at any point leaves either the previous `critic/` or the new one, never a mix.
+    Everything goes into a temporary sibling folder: the weights (safetensors + config, `from_pretrained` loads them;
+    `state_dict`, when given, is what is written, e.g. the full weights gathered from a sharded critic), then, if
+    given, the optimizer's and scheduler's `state_dict()`s and the trainer's counters (`state`), and last a manifest
+    of every file and its size. A sharded critic's weights and optimizer live in `output_dir/<sharded_dir>/`, written
+    before by every rank (`distributed.save_critic_sharded`): its files and sizes go into the manifest too, so the
+    check on resume covers them. The folder is then renamed to `critic/` (atomic on one file system), so a kill at
+    any point leaves either the previous `critic/` or the new one, never a mix.
     """
     final = os.path.join(output_dir, CRITIC_DIR)
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{CRITIC_DIR}.tmp-", dir=output_dir)
-    _unwrapped(critic).save_pretrained(tmp, safe_serialization=True)
+    if state_dict is None:
+        _unwrapped(critic).save_pretrained(tmp, safe_serialization=True)
+    else:
+        _unwrapped(critic).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
     if scheduler is not None:
@@ -143,7 +157,10 @@ def save_critic_state(
     if state is not None:
         _write_json(os.path.join(tmp, STATE_FILE), state)
     files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-    _write_json(os.path.join(tmp, MANIFEST_FILE), {"format": 1, "files": files})
+    manifest = {"format": 1, "files": files}
+    if sharded_dir is not None:
+        manifest["sharded"] = {"dir": sharded_dir, "files": _tree_sizes(os.path.join(output_dir, sharded_dir))}
+    _write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
     old = None
     if os.path.exists(final):  # an export over an older one: move it aside first (os.replace needs no target)
         old = tempfile.mkdtemp(prefix=f".{CRITIC_DIR}.old-", dir=output_dir)
@@ -158,7 +175,8 @@ def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
     """Raise `IncompleteCheckpointError` unless `checkpoint/critic/` is complete.
 
     Complete: its manifest exists and lists every file with its size, and (with `training_state`) the optimizer,
-    scheduler and counters are among them.
+    scheduler and counters are among them; a sharded critic's optimizer is in the sharded part, whose files the
+    manifest lists with their sizes too.
     """
     critic_dir = os.path.join(checkpoint, CRITIC_DIR)
     manifest_path = os.path.join(critic_dir, MANIFEST_FILE)
@@ -169,16 +187,19 @@ def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
             f"{critic_dir} has no {MANIFEST_FILE}: it was written partly, or by an older synapo_ext"
         )
     with open(manifest_path) as f:
-        files = json.load(f)["files"]
-    required = [OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE] if training_state else []
+        manifest = json.load(f)
+    files, sharded = manifest["files"], manifest.get("sharded")
+    required = ([] if sharded else [OPTIMIZER_FILE]) + [SCHEDULER_FILE, STATE_FILE] if training_state else []
     missing = [name for name in required if name not in files]
     if WEIGHTS_FILE not in files and WEIGHTS_INDEX_FILE not in files:
         missing.append(WEIGHTS_FILE)
+    listed = [(os.path.join(critic_dir, name), size) for name, size in files.items()]
+    if sharded:
+        listed += [(os.path.join(checkpoint, sharded["dir"], name), size) for name, size in sharded["files"].items()]
     bad = [
-        name
-        for name, size in files.items()
-        if not os.path.isfile(os.path.join(critic_dir, name))
-        or os.path.getsize(os.path.join(critic_dir, name)) != size
+        os.path.relpath(path, critic_dir)
+        for path, size in listed
+        if not os.path.isfile(path) or os.path.getsize(path) != size
     ]
     if missing or bad:
         raise IncompleteCheckpointError(
@@ -186,29 +207,55 @@ def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
         )
 
 
-def load_critic_state(checkpoint: str, critic: nn.Module, optimizer=None, scheduler=None) -> dict:
-    """Restore what `save_critic_state` wrote into `checkpoint`: weights (strictly), optimizer, scheduler; returns
-    the counters. Only safetensors and `torch.load(weights_only=True)`.
+def load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer=None, scheduler=None) -> dict:
+    """Restore what `save_critic_state` wrote into `checkpoint`: weights (strictly; skipped when `critic` is None,
+    e.g. a sharded critic restored from its sharded part), optimizer, scheduler; returns the counters. Only
+    safetensors and `torch.load(weights_only=True)`.
 
     Raises:
         IncompleteCheckpointError: the critic part is missing or partial.
-        ValueError: the weights do not fit the critic (missing or unexpected keys), naming them.
+        ValueError: the weights do not fit the critic (missing or unexpected keys), naming them; or `optimizer` is
+            given for a checkpoint whose critic optimizer is in a sharded part.
     """
     check_critic_state(checkpoint)
     critic_dir = os.path.join(checkpoint, CRITIC_DIR)
-    model = _unwrapped(critic)
-    state_dict = _read_weights(critic_dir, device=str(next(model.parameters()).device))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
+    if optimizer is not None and is_sharded_checkpoint(checkpoint):
         raise ValueError(
-            f"the critic weights in {critic_dir} do not fit this critic: missing keys {missing}, unexpected keys "
-            f"{unexpected} (was the checkpoint written with another preset, HVM setting or critic model?)"
+            f"{checkpoint} holds a sharded critic (FSDP2 / DeepSpeed run): resume it under the same accelerate "
+            "config, which restores the critic from its sharded part"
         )
+    if critic is not None:
+        model = _unwrapped(critic)
+        state_dict = _read_weights(critic_dir, device=str(next(model.parameters()).device))
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"the critic weights in {critic_dir} do not fit this critic: missing keys {missing}, unexpected keys "
+                f"{unexpected} (was the checkpoint written with another preset, HVM setting or critic model?)"
+            )
     for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is not None:
             obj.load_state_dict(torch.load(os.path.join(critic_dir, name), map_location="cpu", weights_only=True))
     with open(os.path.join(critic_dir, STATE_FILE)) as f:
         return json.load(f)
+
+
+def is_sharded_checkpoint(checkpoint: str) -> bool:
+    """Whether `checkpoint`'s critic part keeps its weights and optimizer in a sharded part (FSDP2 / DeepSpeed)."""
+    manifest_path = os.path.join(checkpoint, CRITIC_DIR, MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        return False
+    with open(manifest_path) as f:
+        return bool(json.load(f).get("sharded"))
+
+
+def _tree_sizes(root: str) -> dict[str, int]:
+    """{path relative to `root`: size} of every file below `root`."""
+    return {
+        os.path.relpath(os.path.join(folder, name), root): os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in sorted(os.walk(root))
+        for name in sorted(names)
+    }
 
 
 def _read_weights(critic_dir: str, device: str) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 The critic keeps a raw torch optimizer stepped by hand (an accelerate-prepared optimizer skips steps on non-sync
 micro-steps and freezes the critic under gradient accumulation, notes/trl.md 4.1); only the *model* is wrapped:
 
-- single process / DDP: `accelerator.prepare_model` (DDP averages the gradients; mixed precision as the policy's).
+- single process: the module itself (a process group that accelerate does not manage is averaged by hand).
+- DDP: `accelerator.prepare_model` (DDP averages the gradients; mixed precision as the policy's).
 - FSDP2: `accelerator.prepare(critic, optimizer)`, a call of its own (accelerate refuses two models in one FSDP2
   `prepare`), so the critic gets the policy's wrap policy, `MixedPrecisionPolicy`, activation checkpointing and
   reshard settings; its parameters are `DTensor` shards. A critic built on the meta device is materialised shard by
@@ -28,22 +29,26 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, PretrainedConfig, PreTrainedModel
 
 __all__ = [
+    "SHARDED_DIR",
     "PreparedCritic",
+    "average_gradients",
     "critic_backend",
     "critic_config",
     "critic_deepspeed_config",
     "critic_step",
     "export_critic",
+    "full_critic_state_dict",
     "init_critic_meta",
+    "init_critic_zero3",
     "load_critic_from_policy",
     "load_critic_sharded",
     "local_numel",
     "prepare_critic",
     "save_critic_sharded",
+    "zero_stage",
 ]
 
 SHARDED_DIR = "critic_sharded"  # inside a checkpoint, next to the plain `critic/` export
-SCHEDULER_FILE = "critic_scheduler.pt"
 
 
 @dataclass
@@ -237,8 +242,28 @@ def prepare_critic(
         critic.to_empty(device=accelerator.device)
     if policy is not None:
         load_critic_from_policy(critic, accelerator.unwrap_model(policy))
-    model = accelerator.prepare_model(critic)  # DDP when num_processes > 1; autocast wrapper for mixed precision
+    if backend == "single":  # the module itself (the trainer's forward passes run under accelerator.autocast)
+        return PreparedCritic(critic.to(accelerator.device), adamw(critic.parameters()), backend)
+    model = accelerator.prepare_model(critic)  # DDP (it broadcasts rank 0's weights); autocast for mixed precision
     return PreparedCritic(model, adamw(critic.parameters()), backend)
+
+
+def init_critic_zero3(
+    accelerator, policy_config: PretrainedConfig, *, num_heads: int, micro_batch_size: int, max_grad_norm: float | None
+) -> PreTrainedModel:
+    """A critic built inside `deepspeed.zero.Init` (ZeRO-3: each rank allocates only its partition); seed it with
+    `prepare_critic(..., policy=...)`."""
+    import deepspeed
+
+    config = critic_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        return AutoModelForTokenClassification.from_config(critic_config(policy_config, num_heads=num_heads))
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage of `accelerator` (0 without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage or 0) if plugin is not None else 0
 
 
 def critic_deepspeed_config(accelerator, micro_batch_size: int, max_grad_norm: float | None) -> dict:
@@ -276,7 +301,7 @@ def _prepare_deepspeed(accelerator, critic, adamw, policy, micro_batch_size, max
             "`from_config` do so when ZeRO-3 is configured) instead of on the meta device"
         )
     if policy is not None and config["zero_optimization"].get("stage", 0) == 3:
-        _copy_policy_zero3(critic, policy)
+        _copy_policy_zero3(critic, accelerator.unwrap_model(policy))
     elif policy is not None:
         load_critic_from_policy(critic, accelerator.unwrap_model(policy))
     engine, optimizer, _, _ = deepspeed.initialize(model=critic, optimizer=adamw(critic.parameters()), config=config)
@@ -307,8 +332,9 @@ def _rank() -> int:
 def critic_step(prepared: PreparedCritic, loss: torch.Tensor, *, max_grad_norm: float | None) -> torch.Tensor | None:
     """One critic optimizer step on a mini-batch's scalar `loss`: backward, clip, step, zero (scheduler if any).
 
-    The wrapper reduces the gradients (DDP all-reduce, FSDP2 reduce-scatter, ZeRO), so no hand averaging; use plain
-    `backward` (not `accelerator.backward`: it divides by the policy's gradient accumulation).
+    The wrapper reduces the gradients (DDP all-reduce, FSDP2 reduce-scatter, ZeRO); only the unwrapped "single"
+    backend averages by hand (`average_gradients`, a no-op without a process group of more than one rank). Plain
+    `backward`, not `accelerator.backward`: that divides by the policy's gradient accumulation.
 
     Returns:
         the gradient norm before clipping (a 0-dim tensor, the same on every rank), or None without clipping.
@@ -319,6 +345,8 @@ def critic_step(prepared: PreparedCritic, loss: torch.Tensor, *, max_grad_norm: 
         norm = prepared.engine.get_global_grad_norm()
         return None if norm is None else torch.as_tensor(float(norm))
     loss.backward()
+    if prepared.backend == "single":  # no wrapper: a process group outside accelerate's setup is averaged by hand
+        average_gradients([p for p in prepared.model.parameters() if p.requires_grad])
     norm = None
     if max_grad_norm:
         params = [p for p in prepared.unwrapped.parameters() if p.grad is not None]
@@ -331,35 +359,63 @@ def critic_step(prepared: PreparedCritic, loss: torch.Tensor, *, max_grad_norm: 
     return norm
 
 
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients in one flat buffer, so every rank takes the same step; for an unwrapped critic
+    in a process group that accelerate does not manage (a no-op without one, or with one rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = []
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(reduced)
+
+
+def _sharded_io(accelerator, prepared: PreparedCritic, path: str, *, save: bool) -> None:
+    """Write (`save`) or read the weights and optimizer of `prepared` in its training layout at `path`."""
+    if prepared.backend == "fsdp2":
+        from accelerate.utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
+
+        model_io, optimizer_io = (
+            (save_fsdp_model, save_fsdp_optimizer) if save else (load_fsdp_model, load_fsdp_optimizer)
+        )
+        plugin = accelerator.state.fsdp_plugin
+        model_io(plugin, accelerator, prepared.model, path)
+        optimizer_io(plugin, accelerator, prepared.optimizer, prepared.model, path)
+    elif prepared.backend == "deepspeed":
+        (prepared.engine.save_checkpoint if save else prepared.engine.load_checkpoint)(path, tag="critic")
+    else:
+        parts = ((prepared.unwrapped, "model.pt"), (prepared.optimizer, "optimizer.pt"))
+        for obj, name in parts:
+            if not save:
+                obj.load_state_dict(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True))
+            elif accelerator.is_main_process:
+                torch.save(obj.state_dict(), os.path.join(path, name))
+
+
 def save_critic_sharded(accelerator, prepared: PreparedCritic, checkpoint: str) -> str:
-    """Write the critic's weights and optimizer in its training layout to `checkpoint/critic_sharded/`.
+    """Write the critic's weights and optimizer in its training layout to `checkpoint/critic_sharded/`; returns it.
 
     FSDP2: accelerate's `save_fsdp_model` / `save_fsdp_optimizer` (DCP, each rank writes its shards; the plugin's
-    `state_dict_type` decides sharded or full, as for the policy). DeepSpeed: `engine.save_checkpoint`. DDP / single:
-    the unwrapped `state_dict()`s on the main process. The scheduler goes to `critic_scheduler.pt` (main process).
-    Collective: call on every rank.
+    `state_dict_type` decides sharded or full, as for the policy). DeepSpeed: `engine.save_checkpoint` (tag
+    `critic`). DDP / single: the unwrapped `state_dict()`s on the main process (`model.pt`, `optimizer.pt`). The
+    scheduler is not part of it (tiny, main process: `critic.save_critic_state`). Collective: call on every rank.
     """
     path = os.path.join(checkpoint, SHARDED_DIR)
     os.makedirs(path, exist_ok=True)
-    if prepared.backend == "fsdp2":
-        from accelerate.utils import save_fsdp_model, save_fsdp_optimizer
-
-        plugin = accelerator.state.fsdp_plugin
-        save_fsdp_model(plugin, accelerator, prepared.model, path)
-        save_fsdp_optimizer(plugin, accelerator, prepared.optimizer, prepared.model, path)
-    elif prepared.backend == "deepspeed":
-        prepared.engine.save_checkpoint(path, tag="critic")
-    elif accelerator.is_main_process:
-        torch.save(prepared.unwrapped.state_dict(), os.path.join(path, "model.pt"))
-        torch.save(prepared.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
-    if prepared.scheduler is not None and accelerator.is_main_process:
-        torch.save(prepared.scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
+    _sharded_io(accelerator, prepared, path, save=True)
     accelerator.wait_for_everyone()
     return path
 
 
 def load_critic_sharded(accelerator, prepared: PreparedCritic, checkpoint: str) -> None:
-    """Restore what `save_critic_sharded` wrote (same backend and world size for DDP; FSDP2/DCP reshards).
+    """Restore what `save_critic_sharded` wrote (same backend; DDP: same world size; FSDP2/DCP reshards).
 
     Raises:
         FileNotFoundError: `checkpoint` has no `critic_sharded/` part.
@@ -367,39 +423,30 @@ def load_critic_sharded(accelerator, prepared: PreparedCritic, checkpoint: str) 
     path = os.path.join(checkpoint, SHARDED_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{checkpoint} has no sharded critic part ({SHARDED_DIR}/)")
-    if prepared.backend == "fsdp2":
-        from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
-
-        plugin = accelerator.state.fsdp_plugin
-        load_fsdp_model(plugin, accelerator, prepared.model, path)
-        load_fsdp_optimizer(plugin, accelerator, prepared.optimizer, prepared.model, path)
-    elif prepared.backend == "deepspeed":
-        prepared.engine.load_checkpoint(path, tag="critic")
-    else:
-        load = {"map_location": "cpu", "weights_only": True}
-        prepared.unwrapped.load_state_dict(torch.load(os.path.join(path, "model.pt"), **load))
-        prepared.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), **load))
-    scheduler_file = os.path.join(path, SCHEDULER_FILE)
-    if prepared.scheduler is not None and os.path.isfile(scheduler_file):
-        prepared.scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
+    _sharded_io(accelerator, prepared, path, save=False)
     accelerator.wait_for_everyone()
 
 
-def export_critic(accelerator, prepared: PreparedCritic, output_dir: str) -> None:
-    """A plain `from_pretrained`-loadable safetensors critic in `output_dir` (main process), from any layout.
+def full_critic_state_dict(prepared: PreparedCritic) -> dict[str, torch.Tensor]:
+    """The critic's full state dict on the main process (other ranks may get an empty one), from any layout.
 
-    FSDP2 gathers the full state dict to the main process's CPU (`full_state_dict`, `cpu_offload`); ZeRO-3 gathers
-    16-bit weights (`_zero3_consolidated_16bit_state_dict`). Collective: call on every rank.
+    FSDP2 gathers it to the main process's CPU (`full_state_dict`, `cpu_offload`); ZeRO-3 gathers 16-bit weights
+    (`_zero3_consolidated_16bit_state_dict`). Collective under FSDP2 and ZeRO-3: call on every rank.
     """
     if prepared.backend == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state_dict = get_model_state_dict(prepared.model, options=options)
-    elif prepared.backend == "deepspeed" and prepared.engine.zero_optimization_partition_weights():
-        state_dict = prepared.engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = prepared.unwrapped.state_dict()
+        return get_model_state_dict(prepared.model, options=options)
+    if prepared.backend == "deepspeed" and prepared.engine.zero_optimization_partition_weights():
+        return prepared.engine._zero3_consolidated_16bit_state_dict()
+    return prepared.unwrapped.state_dict()
+
+
+def export_critic(accelerator, prepared: PreparedCritic, output_dir: str) -> None:
+    """A plain `from_pretrained`-loadable safetensors critic in `output_dir` (main process), from any layout.
+    Collective (`full_critic_state_dict`): call on every rank."""
+    state_dict = full_critic_state_dict(prepared)
     if accelerator.is_main_process:
         prepared.unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
     accelerator.wait_for_everyone()

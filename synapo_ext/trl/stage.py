@@ -24,7 +24,8 @@ COUNTS = (METRICS.scvl_pairs, METRICS.scvl_groups_mixed, METRICS.scvl_groups_ski
 
 
 class SynAPOStageMixin:
-    """`_synapo_stage` and its helpers (`SynAPOTrainer` provides `synapo`, `critic`, `accelerator`, `args` and the
+    """`_synapo_stage` and its helpers (`SynAPOTrainer` provides `synapo`, `critic`, `_prepare_critic`,
+    `_critic_lr_scheduler`, `_critic_mini_batch`, `accelerator`, `args` and the
     TRL state read here)."""
 
     def _rollout_entropy_for(self, output, input_ids, attention_mask, mode):
@@ -57,6 +58,7 @@ class SynAPOStageMixin:
             (metrics to average over processes, metrics to sum over processes).
         """
         device, params = self.accelerator.device, self.synapo
+        self._prepare_critic()  # a no-op once training set it up (an evaluation before training needs it here)
         completion_ids = output["completion_ids"]
         mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
         B, T = completion_ids.shape
@@ -117,19 +119,21 @@ class SynAPOStageMixin:
         )
         means.update(self._explained_variance(batch.returns, values[..., 0], learn_mask))
         generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
+        prepared = self._prepare_critic()
         means.update(
             update_critic(
-                self.critic,
-                self.critic_optimizer,
+                prepared.model,
+                prepared.optimizer,
                 self._critic_lr_scheduler(),
                 batch,
                 params,
                 epochs=self.args.critic_epochs,
-                mini_batch_size=self.args.critic_mini_batch_size or self.args.per_device_train_batch_size,
+                mini_batch_size=self._critic_mini_batch(),
                 cliprange_value=self.args.cliprange_value,
                 max_grad_norm=self.args.critic_max_grad_norm,
                 generator=generator,
                 autocast=self.accelerator.autocast,
+                backend=prepared.backend,
             )
         )
         self._critic_updates += 1

@@ -21,6 +21,14 @@ from ._spelling import RENAMED_TRAINER_KEYWORDS, one_of, unknown_keyword_message
 from .checkpoint import CheckpointMixin
 from .config import SynAPOConfig
 from .critic import build_critic
+from .distributed import (
+    PreparedCritic,
+    critic_backend,
+    init_critic_meta,
+    init_critic_zero3,
+    prepare_critic,
+    zero_stage,
+)
 from .stage import LM_WEIGHT, SynAPOStageMixin
 from .warmup import ValueWarmupMixin
 
@@ -100,13 +108,14 @@ class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTra
         self.synapo = args.synapo_params()
         policy = self.accelerator.unwrap_model(self.model)
         critic_model = critic_model if critic_model is not None else args.critic_model_name_or_path
-        num_heads = 2 if self.synapo.hvm_enabled else 1
-        self.critic = build_critic(critic_model, policy, num_heads=num_heads).to(self.accelerator.device)
-        self._broadcast_critic()
-        self.critic_optimizer = torch.optim.AdamW(
-            self.critic.parameters(), lr=args.critic_learning_rate, weight_decay=args.critic_weight_decay
-        )
+        self._critic_backend = critic_backend(self.accelerator)  # single, ddp, fsdp2 or deepspeed
+        self._critic_from_policy = False  # seeded from the prepared policy by prepare_critic (fsdp2 / ZeRO-3)
+        self._critic: PreparedCritic | None = None  # set by _prepare_critic
+        self.critic = self._build_critic(critic_model, policy, num_heads=2 if self.synapo.hvm_enabled else 1)
+        self.critic_optimizer = None  # prepare_critic's raw AdamW (single: built here; else once the policy is)
         self.critic_scheduler = None  # built once the number of steps is known (_critic_lr_scheduler)
+        if self._critic_backend == "single":
+            self._prepare_critic()
         self.boundary_table = self._boundary_table(policy) if self.synapo.hvm_enabled else None
         self._warmup_done = 0  # warm-up rollout batches done
         self._warmup_finished = self.synapo.value_warmup_steps == 0
@@ -132,21 +141,72 @@ class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTra
             ) from err
         return table.to(self.accelerator.device)
 
-    def _broadcast_critic(self) -> None:
-        """Same initial critic on every rank (its head is fresh; ranks may have drawn different values)."""
-        if self.accelerator.num_processes > 1:
-            for tensor in self.critic.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+    def _critic_mini_batch(self) -> int:
+        """Rows per critic step on this process: `critic_mini_batch_size` (default the per-device batch), at most
+        the process's rollout batch."""
+        args = self.args
+        local_batch = args.per_device_train_batch_size * args.steps_per_generation
+        return min(args.critic_mini_batch_size or args.per_device_train_batch_size, local_batch)
+
+    def _build_critic(self, critic_model, policy, *, num_heads: int):
+        """The critic before `prepare_critic`: under FSDP2 (and ZeRO-3) a critic initialised from the policy is built
+        without memory (meta device; ZeRO-3: partitioned by `deepspeed.zero.Init`) and seeded later, shard by shard,
+        from the prepared policy; otherwise `build_critic` (a path or a model is loaded whole on each rank)."""
+        if critic_model is None and self._critic_backend == "fsdp2":
+            self._critic_from_policy = True
+            return init_critic_meta(policy.config, num_heads=num_heads)
+        if critic_model is None and self._critic_backend == "deepspeed" and zero_stage(self.accelerator) == 3:
+            self._critic_from_policy = True
+            return init_critic_zero3(
+                self.accelerator,
+                policy.config,
+                num_heads=num_heads,
+                micro_batch_size=self._critic_mini_batch(),
+                max_grad_norm=self.args.critic_max_grad_norm,
+            )
+        return build_critic(critic_model, policy, num_heads=num_heads).to(self.accelerator.device)
+
+    def _prepare_critic(self) -> PreparedCritic:
+        """The critic, its raw AdamW (the policy's Adam betas and epsilon) and wrapper, through `prepare_critic` as
+        accelerate runs the policy; once (FSDP2 / DeepSpeed / DDP: after the policy is prepared, see
+        `_prepare_for_training`). Sets `critic` (what to call: the wrapper) and `critic_optimizer`."""
+        if self._critic is None:
+            args = self.args
+            checkpointing = bool(args.activation_checkpointing or args.gradient_checkpointing)
+            policy = self.model_wrapped if self._critic_from_policy else None
+            self._critic = prepare_critic(
+                self.accelerator,
+                self.critic,
+                learning_rate=args.critic_learning_rate,
+                weight_decay=args.critic_weight_decay,
+                policy=policy,
+                gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs
+                or args.gradient_checkpointing_kwargs,
+                micro_batch_size=self._critic_mini_batch(),
+                max_grad_norm=args.critic_max_grad_norm,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+            )
+            self.critic, self.critic_optimizer = self._critic.model, self._critic.optimizer
+        return self._critic
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """transformers' set-up (the policy prepared), then the critic prepared beside it (it may already be, by
+        `_load_optimizer_and_scheduler` when resuming)."""
+        out = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        self._prepare_critic()
+        return out
 
     def _critic_lr_scheduler(self):
         if self.critic_scheduler is None:
+            self._prepare_critic()
             args = self.args
             max_steps = args.max_steps if args.max_steps > 0 else max(self.state.max_steps, 1)
             generate_every = args.steps_per_generation * self.num_iterations
             rollouts = math.ceil(max_steps * args.gradient_accumulation_steps / generate_every)
             local_batch = args.per_device_train_batch_size * args.steps_per_generation
-            mini_batch = min(args.critic_mini_batch_size or args.per_device_train_batch_size, local_batch)
-            per_rollout = args.critic_epochs * math.ceil(local_batch / mini_batch)
+            per_rollout = args.critic_epochs * math.ceil(local_batch / self._critic_mini_batch())
             self.critic_scheduler = get_scheduler(
                 args.critic_lr_scheduler_type,
                 self.critic_optimizer,

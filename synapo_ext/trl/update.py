@@ -2,9 +2,10 @@
 
 critic loss = value loss (single head) | HVM's two-head loss, + scvl_weight * SCVL (split form, docs/spec.md "SCVL")
 
-The step uses plain `loss.backward()` and a raw torch optimizer on purpose: an accelerate-prepared optimizer skips
-its step on non-sync micro-steps under gradient accumulation and silently freezes the critic.
-Across processes the gradients are averaged by hand, so every rank applies the same update.
+Each step is `distributed.critic_step`: plain `loss.backward()` and a raw torch optimizer on purpose (an
+accelerate-prepared optimizer skips its step on non-sync micro-steps under gradient accumulation and silently freezes
+the critic). Across processes the critic's wrapper (DDP, FSDP2, DeepSpeed) reduces the gradients, so every rank
+applies the same update; an unwrapped critic in a process group is averaged by hand.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..core import METRICS, SCVLSides, SynAPOParams, explained_variance, hvm_critic_loss, scvl_split_loss, value_loss
 from .critic import critic_values
+from .distributed import PreparedCritic, critic_step
 
 __all__ = ["HELDOUT_VF_LOSS", "CriticBatch", "critic_health", "update_critic"]
 
@@ -121,22 +122,6 @@ def _minibatch_loss(
     return loss, metrics
 
 
-def _average_gradients(parameters: list[nn.Parameter]) -> None:
-    """All-reduce (mean) the gradients, one flat buffer: every rank then takes the same step."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = []
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(reduced)
-
-
 def update_critic(
     critic: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -150,28 +135,32 @@ def update_critic(
     max_grad_norm: float | None,
     generator: torch.Generator,
     autocast=None,
+    backend: str = "single",
 ) -> dict[str, float]:
-    """`epochs` passes over `batch` in shuffled mini-batches; returns the metrics averaged over the steps."""
+    """`epochs` passes over `batch` in shuffled mini-batches, one `distributed.critic_step` each (backward, clip,
+    optimizer and `scheduler` step); returns the metrics averaged over the steps.
+
+    `critic`, `optimizer` and `backend` are a `PreparedCritic`'s `model`, `optimizer` and `backend` (`critic`: what
+    to call, the DDP / FSDP2 module or the DeepSpeed engine). Every rank takes the same number of steps (the
+    wrappers' forward and backward are collective).
+    """
+    prepared = PreparedCritic(
+        critic, optimizer, backend, scheduler=scheduler, engine=critic if backend == "deepspeed" else None
+    )
     B = batch.response_mask.size(0)
     mini_batch_size = min(mini_batch_size, B)
     n_minibatches = math.ceil(B / mini_batch_size)
-    parameters = [p for p in critic.parameters() if p.requires_grad]
     sums: dict[str, float] = defaultdict(float)
     critic.train()
     for _ in range(epochs):
         order = torch.randperm(B, generator=generator).to(batch.response_mask.device)
         for k in range(n_minibatches):
             rows = order[k * mini_batch_size : (k + 1) * mini_batch_size]
-            optimizer.zero_grad(set_to_none=True)
             with autocast() if autocast is not None else torch.enable_grad():
                 loss, metrics = _minibatch_loss(critic, batch, rows, params, cliprange_value, n_minibatches)
-            loss.backward()  # not accelerator.backward: it divides by gradient_accumulation_steps
-            _average_gradients(parameters)
-            if max_grad_norm:
-                metrics[METRICS.grad_norm] = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            norm = critic_step(prepared, loss, max_grad_norm=max_grad_norm)
+            if norm is not None:
+                metrics[METRICS.grad_norm] = norm
             for name, value in metrics.items():
                 sums[name] += float(value)
     steps = epochs * n_minibatches
