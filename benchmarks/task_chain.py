@@ -28,19 +28,18 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from synapo_ext.testing import DELIMITER, char_tokenizer, tiny_qwen2
 
 LABELS = "abcdefghijklmnopqrstuvwxyz"
 OPS = [("+", k) for k in range(1, 10)] + [("-", k) for k in range(1, 10)] + [("*", k) for k in (3, 7, 9)]
 # The warm start's misconceptions: "*7" done as "*3", "-8" as "+8", "+9" as "-9"
 BUGS = {("*", 7): lambda v: (v * 3) % 10, ("-", 8): lambda v: (v + 8) % 10, ("+", 9): lambda v: (v - 9) % 10}
-SPECIAL = ["<pad>", "<eos>", "<unk>"]
-DELIMITER = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -76,19 +75,36 @@ def parse_prompt(prompt: str) -> tuple[int, list[tuple[str, int]]]:
     return int(body[0]), [(m.group(1), int(m.group(2))) for m in re.finditer(r"[a-z]([+\-*])(\d)", body[1:])]
 
 
-def trace(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, cfg: TaskConfig | None = None):
-    """The answer text; with `rng` and `cfg`, an imperfect warm-start trace (noise and the systematic bugs)."""
+def write_trace(start: int, ops: list[tuple[str, int]], step: Callable[[str, int, int], int] | None = None) -> str:
+    """The answer text for `ops` from `start`: one ``label:value op k=result`` step per operation (blank lines
+    between), then ``ans:`` and the last result. `step(op, k, value)` gives each written result (default: `apply`,
+    the right one); the next step reads the written result."""
+    step = step or apply
     value, steps = start, []
     for i, (op, k) in enumerate(ops):
-        result = apply(op, k, value)
-        if rng is not None:
-            if (op, k) in BUGS and rng.random() < cfg.bug_rate:
-                result = BUGS[(op, k)](value)
-            elif rng.random() < cfg.noise:
-                result = rng.choice([d for d in range(10) if d != result])
+        result = step(op, k, value)
         steps.append(f"{LABELS[i]}:{value}{op}{k}={result}")
         value = result
     return DELIMITER.join(steps) + f"{DELIMITER}ans:{value}"
+
+
+def wrong_digit(rng: random.Random, right: int) -> int:
+    """A uniformly drawn digit other than `right` (a noisy step's result)."""
+    return rng.choice([d for d in range(10) if d != right])
+
+
+def trace(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, cfg: TaskConfig | None = None):
+    """The answer text; with `rng` and `cfg`, an imperfect warm-start trace (noise and the systematic bugs)."""
+    if rng is None:
+        return write_trace(start, ops)
+
+    def step(op: str, k: int, value: int) -> int:
+        if (op, k) in BUGS and rng.random() < cfg.bug_rate:
+            return BUGS[(op, k)](value)
+        result = apply(op, k, value)
+        return wrong_digit(rng, result) if rng.random() < cfg.noise else result  # a bug pair done right: noise too
+
+    return write_trace(start, ops, step)
 
 
 def answer(start: int, ops: list[tuple[str, int]]) -> int:
@@ -159,37 +175,21 @@ def rl_dataset(cfg: TaskConfig, n: int, seed: int) -> Dataset:
 # --- tokenizer and model ------------------------------------------------------------------------------------------
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer():
     """Characters plus one "\\n\\n" token (as real BPE vocabularies have), left padding for generation."""
-    chars = list("0123456789") + list(LABELS) + list("+-*=:\n ")
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + chars + [DELIMITER])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex("\n\n|[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    )
+    return char_tokenizer(list("0123456789") + list(LABELS) + list("+-*=:\n "), delimiter=DELIMITER)
 
 
-def make_model(tokenizer, cfg: TaskConfig, seed: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+def make_model(tokenizer, cfg: TaskConfig, seed: int):
+    """The warm start's initial policy: a Qwen2 of width `cfg.hidden_size` (MLP 4x, 4 heads, no grouped KV)."""
+    return tiny_qwen2(
+        tokenizer,
+        seed=seed,
         hidden_size=cfg.hidden_size,
         intermediate_size=4 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=4,
+        num_layers=cfg.num_layers,
         num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
     )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
 
 
 def completion_length(cfg: TaskConfig) -> int:
@@ -230,20 +230,6 @@ def accuracy(model, tokenizer, prompts, cfg: TaskConfig, temperature: float = 0.
 # --- warm start -----------------------------------------------------------------------------------------------------
 
 
-def _sft_batch(tokenizer, rng: random.Random, cfg: TaskConfig, exclude: set[str]):
-    texts, prompt_len = [], None
-    for _ in range(cfg.sft_batch):
-        prompt, start, ops = make_prompt(rng, cfg.num_steps)
-        while prompt in exclude:
-            prompt, start, ops = make_prompt(rng, cfg.num_steps)
-        texts.append(prompt + trace(start, ops, rng, cfg))
-        prompt_len = len(prompt)  # all prompts have the same number of tokens (one per character)
-    ids = torch.tensor([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts])
-    labels = ids.clone()
-    labels[:, :prompt_len] = -100  # loss on the answer only
-    return ids, labels
-
-
 def cache_key(cfg: TaskConfig, seed: int) -> str:
     blob = json.dumps({"task": asdict(cfg), "seed": seed, "bugs": sorted(map(str, BUGS)), "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -252,6 +238,38 @@ def cache_key(cfg: TaskConfig, seed: int) -> str:
 def warm_start(cfg: TaskConfig, seed: int, cache_dir: str, log=print) -> str:
     """Path of the warm-start policy (supervised on imperfect traces), trained once per (config, seed) and cached."""
     path = os.path.join(cache_dir, f"warm_start_{cache_key(cfg, seed)}_s{seed}")
+    return fit_warm_start(
+        path, cfg, seed, draw=lambda rng: make_prompt(rng, cfg.num_steps), trace=trace, held_out=held_out_prompts,
+        rng_name=f"sft-{seed}", log_name=f"s{seed}", log=log,
+    )  # fmt: skip
+
+
+def _sft_batch(tokenizer, rng: random.Random, cfg, exclude: set[str], draw, trace):
+    """`cfg.sft_batch` prompts from `draw(rng)` (none in `exclude`), each with its `trace(start, ops, rng, cfg)`;
+    returns (ids, labels) (B, T), the labels -100 on the prompt (the loss is on the answer only)."""
+    texts, prompt_len = [], None
+    for _ in range(cfg.sft_batch):
+        prompt, start, ops = draw(rng)
+        while prompt in exclude:
+            prompt, start, ops = draw(rng)
+        texts.append(prompt + trace(start, ops, rng, cfg))
+        prompt_len = len(prompt)  # all prompts have the same number of tokens (one per character)
+    ids = torch.tensor([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts])
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100  # loss on the answer only
+    return ids, labels
+
+
+def fit_warm_start(
+    path: str, cfg, seed: int, *, draw: Callable, trace: Callable, held_out: Callable, rng_name: str, log_name: str,
+    log=print,
+) -> str:  # fmt: skip
+    """Train a task's warm start (supervised on its imperfect traces) into `path`, unless it is there already.
+
+    Both tasks share this loop: `draw(rng)` gives (prompt, start, ops), `trace(start, ops, rng, cfg)` the warm-start
+    answer, `held_out(cfg)` the prompts never trained on; `rng_name` seeds the data stream, `log_name` names the
+    run in the progress lines. The model is `make_model(make_tokenizer(), cfg, seed)`; saved atomically.
+    """
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return path
     tokenizer = make_tokenizer()
@@ -259,11 +277,11 @@ def warm_start(cfg: TaskConfig, seed: int, cache_dir: str, log=print) -> str:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
-    rng = random.Random(f"sft-{seed}")
-    exclude = set(held_out_prompts(cfg))
+    rng = random.Random(rng_name)
+    exclude = set(held_out(cfg))
     start = time.perf_counter()
     for step in range(cfg.sft_steps):
-        ids, labels = _sft_batch(tokenizer, rng, cfg, exclude)
+        ids, labels = _sft_batch(tokenizer, rng, cfg, exclude, draw, trace)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,10 +290,10 @@ def warm_start(cfg: TaskConfig, seed: int, cache_dir: str, log=print) -> str:
         sched.step()
         if (step + 1) % 250 == 0:
             log(
-                f"  warm start s{seed}: step {step + 1}/{cfg.sft_steps} loss {loss.item():.4f} "
+                f"  warm start {log_name}: step {step + 1}/{cfg.sft_steps} loss {loss.item():.4f} "
                 f"({time.perf_counter() - start:.0f}s)"
             )
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

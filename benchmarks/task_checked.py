@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,10 +39,13 @@ from task_chain import (  # noqa: F401  (re-exported: the task interface)
     answer_regex,
     apply,
     completion_length,
+    fit_warm_start,
     generate,
     make_model,
     make_tokenizer,
     parse_prompt,
+    write_trace,
+    wrong_digit,
 )
 
 NAME = "checked"
@@ -82,18 +84,16 @@ def make_prompt(rng: random.Random, num_steps: int, risky_probs=TaskConfig.risky
 
 def trace(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, cfg: TaskConfig | None = None):
     """The answer text; with `rng` and `cfg`, an imperfect warm-start trace (later steps consistent with it)."""
-    value, steps = start, []
-    for i, (op, k) in enumerate(ops):
+    if rng is None:
+        return write_trace(start, ops)
+
+    def step(op: str, k: int, value: int) -> int:
+        if (op, k) in BUGS:  # a risky step: misconceived with probability bug_rate, never noisy
+            return BUGS[(op, k)](value) if rng.random() < cfg.bug_rate else apply(op, k, value)
         result = apply(op, k, value)
-        if rng is not None:
-            if (op, k) in BUGS:
-                if rng.random() < cfg.bug_rate:
-                    result = BUGS[(op, k)](value)
-            elif rng.random() < cfg.noise:
-                result = rng.choice([d for d in range(10) if d != result])
-        steps.append(f"{LABELS[i]}:{value}{op}{k}={result}")
-        value = result
-    return DELIMITER.join(steps) + f"{DELIMITER}ans:{value}"
+        return wrong_digit(rng, result) if rng.random() < cfg.noise else result
+
+    return write_trace(start, ops, step)
 
 
 def score(prompt: str, completion: str, ended: bool = True) -> float:
@@ -185,20 +185,6 @@ def true_features(prompts: list[str], tokens: list[list[str]]) -> dict[str, torc
 # --- warm start ------------------------------------------------------------------------------------------------------
 
 
-def _sft_batch(tokenizer, rng: random.Random, cfg: TaskConfig, exclude: set[str]):
-    texts, prompt_len = [], None
-    for _ in range(cfg.sft_batch):
-        prompt, start, ops = make_prompt(rng, cfg.num_steps, cfg.risky_probs)
-        while prompt in exclude:
-            prompt, start, ops = make_prompt(rng, cfg.num_steps, cfg.risky_probs)
-        texts.append(prompt + trace(start, ops, rng, cfg))
-        prompt_len = len(prompt)  # one token per prompt character, the same for every prompt
-    ids = torch.tensor([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts])
-    labels = ids.clone()
-    labels[:, :prompt_len] = -100  # loss on the answer only
-    return ids, labels
-
-
 def cache_key(cfg: TaskConfig, seed: int) -> str:
     blob = json.dumps({"task": NAME, "cfg": asdict(cfg), "seed": seed, "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -207,30 +193,7 @@ def cache_key(cfg: TaskConfig, seed: int) -> str:
 def warm_start(cfg: TaskConfig, seed: int, cache_dir: str, log=print) -> str:
     """Path of the warm-start policy (supervised on imperfect traces), trained once per (config, seed) and cached."""
     path = os.path.join(cache_dir, f"warm_start_{NAME}_{cache_key(cfg, seed)}_s{seed}")
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return path
-    tokenizer = make_tokenizer()
-    model = make_model(tokenizer, cfg, seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
-    rng = random.Random(f"{NAME}-sft-{seed}")
-    exclude = set(held_out_prompts(cfg))
-    start = time.perf_counter()
-    for step in range(cfg.sft_steps):
-        ids, labels = _sft_batch(tokenizer, rng, cfg, exclude)
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 250 == 0:
-            log(f"  warm start {NAME} s{seed}: step {step + 1}/{cfg.sft_steps} loss {loss.item():.4f} "
-                f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)  # atomic: a half-written warm start is never picked up
-    return path
+    return fit_warm_start(
+        path, cfg, seed, draw=lambda rng: make_prompt(rng, cfg.num_steps, cfg.risky_probs), trace=trace,
+        held_out=held_out_prompts, rng_name=f"{NAME}-sft-{seed}", log_name=f"{NAME} s{seed}", log=log,
+    )  # fmt: skip

@@ -1,49 +1,25 @@
-"""A tiny Qwen2 policy and a local character tokenizer with a "\\n\\n" token (no hub; notes/tiny_models.md)."""
+"""The TRL tests' tiny task: a character tokenizer and a tiny Qwen2 policy (built by `synapo_ext.testing`), prompts
+and rewards (no hub)."""
 
 from __future__ import annotations
 
 import random
 
-import torch
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-SPECIAL = ["<pad>", "<eos>", "<unk>"]
-CHARS = list("0123456789+=. abcdef\n")
+from synapo_ext.testing import DELIMITER, char_tokenizer, tiny_qwen2
 
-
-def make_tokenizer(with_delimiter: bool = True) -> PreTrainedTokenizerFast:
-    """Characters, plus "\\n\\n" as one token when `with_delimiter` (like real BPE vocabularies)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS + (["\n\n"] if with_delimiter else []))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    pattern = "\n\n|[\\s\\S]" if with_delimiter else "[\\s\\S]"
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    )
+CHARS = "0123456789+=. abcdef\n"
 
 
-def make_policy(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+def make_tokenizer(with_delimiter: bool = True):
+    """Characters, plus "\\n\\n" as one token when `with_delimiter` (like real BPE vocabularies); left padding."""
+    return char_tokenizer(CHARS, delimiter=DELIMITER if with_delimiter else None)
+
+
+def make_policy(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2):
+    """A tiny Qwen2 policy for `tokenizer` (synapo_ext.testing.tiny_qwen2)."""
+    return tiny_qwen2(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=layers)
 
 
 def make_dataset(n: int = 32, seed: int = 0) -> Dataset:

@@ -8,24 +8,22 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-CHARS = list("0123456789+-=. abcdefghij\n")
-DELIM = "\n\n"
+from synapo_ext.testing import DELIMITER as DELIM
+from synapo_ext.testing import char_tokenizer, tiny_qwen2
+
+CHARS = "0123456789+-=. abcdefghij\n"
 
 
 def make_tokenizer(with_delimiter: bool = True):
-    """A character tokenizer; with `with_delimiter`, "\\n\\n" is one token (as in real BPE vocabularies)."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1}
-    for ch in CHARS + ([DELIM] if with_delimiter else []):
-        vocab[ch] = len(vocab)
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    pattern = "\n\n|[\\s\\S]" if with_delimiter else "[\\s\\S]"
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=tokenizers.Regex(pattern), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    """A character tokenizer (pad 0, eos 1, no unknown token of its own: unknown characters read as pad, right
+    padding); with `with_delimiter`, "\\n\\n" is one token (as in real BPE vocabularies)."""
+    return char_tokenizer(
+        CHARS,
+        delimiter=DELIM if with_delimiter else None,
+        specials=("<pad>", "<eos>"),
+        unk_token="<pad>",
+        padding_side="right",
+    )
 
 
 def rollout_batch(tokenizer, groups: int = 3, n: int = 4, T: int = 24, seed: int = 0) -> dict:
@@ -71,16 +69,8 @@ def tiny_model_dir(tokenizer, path: str | None = None) -> str:
     """A tiny Qwen2 causal LM and its tokenizer saved to `path` (a fresh temp dir by default)."""
     import tempfile
 
-    import transformers
-
     path = path or tempfile.mkdtemp(prefix="synapo_tiny_")
-    cfg = transformers.Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tiny_qwen2(tokenizer, seed=0, max_position_embeddings=128).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
