@@ -229,12 +229,12 @@ def pretrained_critic(a, method: str, model, tokenizer, log=print):
     """(critic, info): VAPO's value pre-training on the warm start's rollouts (value_pretrain.py), once per critic
     shape (1 head, or 2 with HVM) and shared by every method and seed, like the warm start; cached. The critic
     probe (`critic_probe.py --task checked`) runs the same pre-training and reports it."""
-    from learning_setup import setup_key, task_config, task_module
+    from learning_setup import pretrain_key, task_config, task_module
     from transformers import AutoModelForTokenClassification
     from value_pretrain import pretrain_critic
 
     heads = 1 if method in ("vapo", "vapo-lambda1", "synapo-no-hvm") else 2
-    path = os.path.join(a.cache_dir, f"pretrain_{setup_key(a)}_{heads}h")
+    path = os.path.join(a.cache_dir, f"pretrain_{pretrain_key(a)}_{heads}h")
     if os.path.exists(os.path.join(path, "info.json")):
         with open(os.path.join(path, "info.json")) as f:
             return AutoModelForTokenClassification.from_pretrained(path), json.load(f)

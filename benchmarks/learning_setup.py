@@ -150,6 +150,16 @@ def setup_key(a: Args) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def pretrain_key(a: Args) -> str:
+    """Hash of what changes the value pre-training (value_pretrain.py): the task and its warm start and the
+    pre-training's own settings, not the RL settings (policy learning rate, budget), so that a diagnostic run with
+    other RL settings (e.g. a frozen policy, `--learning_rate 1e-12`) starts from the same cached critic."""
+    blob = {k: getattr(a, k) for k in ("warm_start_seed", "pretrain_max_rollouts", "pretrain_max_steps",
+                                      "pretrain_target_ev")}  # fmt: skip
+    blob["task"], blob["task_name"] = asdict(task_config(a)), a.task
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_list(a: Args) -> list[tuple[str, int]]:
     """Every (method, seed) of the benchmark: the oracle arm only on `oracle_seeds`."""
     return [(m, s) for s in a.seeds for m in a.methods if m not in ORACLE_METHODS or s in a.oracle_seeds]
