@@ -8,6 +8,7 @@ __all__ = [
     "check_finite",
     "check_ids",
     "check_mask",
+    "check_mask_type",
     "check_probability",
     "check_same_shape",
     "check_tensor",
@@ -55,6 +56,19 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` holds {bad} NaN/inf entries; all entries must be finite")
 
 
+def check_mask_type(response_mask: object) -> torch.Tensor:
+    """`check_mask`'s checks that read no values: a 2-D tensor, not complex.
+
+    Raises:
+        TypeError: not a tensor, or a complex one.
+        ValueError: not 2-D.
+    """
+    mask = check_tensor(response_mask, "response_mask", ndim=2)
+    if mask.is_complex():
+        raise TypeError("`response_mask` must be bool, integer or float, got a complex tensor")
+    return mask
+
+
 def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torch.Tensor:
     """Validate a (B, T) 0/1 mask (bool, integer or float) and return it as bool. B = 0 is legal (empty batch).
 
@@ -66,10 +80,8 @@ def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torc
         TypeError: not a tensor, or a complex one.
         ValueError: not 2-D, a value other than 0 and 1, or (unless allowed) a row with no valid token.
     """
-    mask = check_tensor(response_mask, "response_mask", ndim=2)
+    mask = check_mask_type(response_mask)
     if mask.dtype != torch.bool:
-        if mask.is_complex():
-            raise TypeError("`response_mask` must be bool, integer or float, got a complex tensor")
         if mask.numel() > 0:  # aminmax refuses an empty tensor
             low, high = torch.aminmax(mask)
             # in [0, 1], and every nonzero entry is exactly 1 (integers in [0, 1] are)

@@ -10,12 +10,13 @@ pass. Inputs are validated by the same checks as the public functions, so errors
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import backend
 from ._alloc import empty
-from ._checks import float_dtype
+from ._checks import check_mask, float_dtype
 from .backend import as_numpy
 from .config import SynAPOParams
 from .ea_gae import EA_GAE_EPS, check_ea_gae_args
@@ -24,9 +25,36 @@ from .hvm import check_hvm_args
 from .metrics import METRICS
 from .segments import check_segment_args
 
+if TYPE_CHECKING:
+    from .stage import StageInputs, SynAPOAdvantages
+
 # columns of the kernels' per-row statistics (see _numba_stage.py, which numba imports lazily)
 N_VALID, LAM_SUM, LAM_MIN, LAM_MAX, ENTROPY_SUM, SEGMENTS, ADV_MEAN, ADV_M2 = range(8)
 STATS = 8
+
+
+# a mask is read as the signed integers of its bits, one compiled variant per element size
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@backend.register("stage_mask", "numba")
+def numba_stage_mask(k: SimpleNamespace, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """stage.py's torch `stage_mask` in one pass over a mask of any dtype (bool, integer or float): the bool mask
+    (the input itself when bool) and each row's length (last valid position + 1, int64 (B,))."""
+    B, T = response_mask.shape
+    lengths = torch.empty(B, dtype=torch.long)
+    if response_mask.dtype == torch.bool:
+        k.row_lengths(as_numpy(response_mask), as_numpy(lengths))
+        return response_mask, lengths
+    bits = _BITS[response_mask.element_size()]
+    # the bits of 1 and of -0 in the mask's dtype (-0 is 0 for integers): every other value is refused
+    one, neg_zero = torch.tensor([1.0, -0.0]).to(response_mask.dtype).view(bits).tolist()
+    mask, bad = empty((B, T), torch.bool), torch.empty(B, dtype=torch.bool)
+    k.mask_rows(as_numpy(response_mask.view(bits)), one, neg_zero, as_numpy(mask), as_numpy(lengths), as_numpy(bad))
+    if bool(bad.any()):
+        check_mask(response_mask)  # raises, naming the argument
+        raise AssertionError("the mask kernel flagged a value that check_mask accepts")  # not reached
+    return mask, lengths
 
 
 def _array(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,23 +63,13 @@ def _array(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @backend.register("stage", "numba")
-def numba_stage(
-    k: SimpleNamespace,
-    params: SynAPOParams,
-    mask: torch.Tensor,
-    boundary_table: torch.Tensor | None,
-    *,
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    global_values: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    response_ids: torch.Tensor | None,
-    return_lam: bool,
-    return_seg_ids: bool,
-):
-    """`stage` on rows that each hold a valid token (bool `mask`, B > 0): see stage.py's torch `stage`."""
+def numba_stage(k: SimpleNamespace, params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
+    """`stage` on rows that each hold a valid token (B > 0): see stage.py's torch `stage`."""
     from .stage import SynAPOAdvantages, check_actor_lambda_inputs  # stage.py imports this module
 
+    mask, rewards, values = x.response_mask, x.rewards, x.values
+    global_values, entropy, response_ids = x.global_values, x.entropy, x.response_ids
+    boundary_table, return_lam, return_seg_ids = x.boundary_table, x.return_lam, x.return_seg_ids
     B, T = mask.shape
     adaptive = params.length_adaptive_lambda
     use_entropy = adaptive and params.ea_gae_enabled

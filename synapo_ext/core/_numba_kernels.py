@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba): one pass per row over the (B, T) arrays, rows in parallel.
+"""Compiled CPU kernels (numba): one pass per row over the (B, T) arrays.
 
 Imported only by `backend.py`, and only when numba is installed (a default dependency); the
 kernels are called through `SERIAL` or `PARALLEL`.
@@ -9,24 +9,79 @@ no compaction. Accumulators are float64 whatever the array dtype.
 
 from __future__ import annotations
 
+import inspect
+import itertools
+import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 from numba import njit, prange
 
-# Each kernel is compiled twice: serial for small batches (no thread pool wakes up, so nothing competes with
-# torch's own threads in a training step) and row-parallel for large ones. `backend.py` picks by size.
+# Each kernel is compiled once, serial (`prange` runs as `range`). `SERIAL` calls it on the whole batch (small
+# batches: no thread wakes up, so nothing competes with torch's own threads in a training step); `PARALLEL` runs
+# it on blocks of rows in plain threads (the kernels release the GIL), as many as torch's intra-op threads.
+# Not numba's own thread pool: its OpenMP workers spin-wait after each parallel loop, and beside torch's OpenMP
+# workers (a second runtime, spinning too) every hand-over between a numba kernel and a torch op cost milliseconds
+# of two pools fighting for the cores (the whole stage at 512 x 16384 took 234 ms with the spinning, 120 ms
+# with OMP_WAIT_POLICY=passive, on the 2-core machine). Rows are independent, so a block gives the rows'
+# results exactly as the whole batch does.
 SERIAL = SimpleNamespace()
 PARALLEL = SimpleNamespace()
+BLOCKS_PER_THREAD = 4  # blocks of rows per thread, taken in turn: rows of unequal length even out
 
 
-def _kernel(fn):
-    setattr(SERIAL, fn.__name__, njit(cache=True, nogil=True)(fn))
-    setattr(PARALLEL, fn.__name__, njit(parallel=True, cache=True, nogil=True)(fn))
-    return fn
+def _kernel(*rows: str) -> Callable[[Callable], Callable]:
+    """Register a kernel whose arguments `rows` are indexed by row (first dimension: the batch; the first of them
+    sets the batch size; one whose first dimension differs, e.g. a (1, 1) placeholder, is passed whole)."""
+
+    def decorate(fn: Callable) -> Callable:
+        serial = njit(cache=True, nogil=True)(fn)
+        names = list(inspect.signature(fn).parameters)
+        setattr(SERIAL, fn.__name__, serial)
+        setattr(PARALLEL, fn.__name__, _row_blocks(serial, [names.index(name) for name in rows]))
+        return fn
+
+    return decorate
 
 
-@_kernel
+def _row_blocks(serial: Callable, rows: list[int]) -> Callable:
+    """`serial` run on blocks of rows by `torch.get_num_threads()` threads (the caller's thread among them)."""
+    row_set = set(rows)
+
+    def run(*args) -> None:
+        n = args[rows[0]].shape[0]
+        threads = min(torch.get_num_threads(), n)
+        if threads <= 1:
+            serial(*args)
+            return
+        blocks = min(n, BLOCKS_PER_THREAD * threads)
+        bounds = [n * i // blocks for i in range(blocks + 1)]
+        taken = itertools.count()  # next() is atomic under the GIL
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while not errors and (i := next(taken)) < blocks:
+                lo, hi = bounds[i], bounds[i + 1]
+                try:
+                    serial(*(a[lo:hi] if j in row_set and a.shape[0] == n else a for j, a in enumerate(args)))
+                except BaseException as e:  # re-raised by the caller's thread
+                    errors.append(e)
+
+        helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
+        for t in helpers:
+            t.start()
+        work()
+        for t in helpers:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    return run
+
+
+@_kernel("mask", "out")
 def row_lengths(mask, out):
     """Per row: last valid position + 1 (0 for a row with no valid token), scanning from the end."""
     B, T = mask.shape
@@ -39,7 +94,26 @@ def row_lengths(mask, out):
         out[b] = last
 
 
-@_kernel
+@_kernel("mask", "out", "lengths", "bad")
+def mask_rows(mask, one, neg_zero, out, lengths, bad):
+    """Per row: a 0/1 mask of any dtype, read as the signed integers of its bits (`one`, `neg_zero`: the bits of 1
+    and -0 in its dtype, 0 for -0 of an integer dtype), written as bool, with its length (last valid position + 1)
+    and `bad` = 1 where it holds any other value."""
+    B, T = mask.shape
+    for b in prange(B):
+        others = 0
+        last = 0
+        for t in range(T):
+            v = mask[b, t]
+            is_one = v == one
+            out[b, t] = is_one
+            others += (v != 0) & (v != neg_zero) & (v != one)
+            last = max(last, (t + 1) * is_one)
+        lengths[b] = last
+        bad[b] = others > 0
+
+
+@_kernel("mask", "entropy", "out")
 def ea_gae_lambda_rows(mask, entropy, has_entropy, alpha, beta, eps, lambda_min, lambda_max, out):
     """lambda = clip(1 - 1 / (alpha * l * max(1 + beta * H, eps)), lambda_min, lambda_max)."""
     B, T = mask.shape
@@ -56,7 +130,7 @@ def ea_gae_lambda_rows(mask, entropy, has_entropy, alpha, beta, eps, lambda_min,
             out[b, t] = min(max(lam, lambda_min), lambda_max)
 
 
-@_kernel
+@_kernel("rewards", "values", "mask", "lam", "advantages", "returns")
 def gae_rows(rewards, values, mask, lam, per_token_lam, gamma, advantages, returns):
     """delta_t = r_t + gamma V_next - V_t;  A_t = delta_t + gamma lambda_t A_next;  G_t = A_t + V_t."""
     B, T = rewards.shape
@@ -73,7 +147,7 @@ def gae_rows(rewards, values, mask, lam, per_token_lam, gamma, advantages, retur
             returns[b, t] = running + values[b, t]
 
 
-@_kernel
+@_kernel("x", "mask", "sums", "counts")
 def masked_row_sums(x, mask, center, sums, counts):
     """Per row: sum over valid tokens of (x - center) and of (x - center)^2, and the count."""
     B, T = x.shape
@@ -92,7 +166,7 @@ def masked_row_sums(x, mask, center, sums, counts):
         counts[b] = n
 
 
-@_kernel
+@_kernel("ids", "mask", "out")
 def segment_rows(ids, mask, table, min_len, max_len, fallback_len, out):
     """Segment ids in one forward pass per row (see segments.py for the rules).
 
@@ -130,7 +204,18 @@ def segment_rows(ids, mask, table, min_len, max_len, fallback_len, out):
             i += 1
 
 
-@_kernel
+@_kernel(
+    "rewards",
+    "local_values",
+    "global_values",
+    "mask",
+    "seg_ids",
+    "lam",
+    "advantages",
+    "local_returns",
+    "global_returns",
+    "start_mask",
+)
 def hvm_rows(
     rewards,
     local_values,
@@ -211,7 +296,7 @@ def hvm_rows(
                 global_returns[b, t] = 0.0
 
 
-@_kernel
+@_kernel("pos", "neg", "shortest", "out")
 def divergence(ids, pos, neg, shortest, out):
     """d = first position where rows pos[p] and neg[p] differ, or shortest[p] if none before it."""
     for p in prange(pos.shape[0]):
@@ -225,7 +310,7 @@ def divergence(ids, pos, neg, shortest, out):
         out[p] = d
 
 
-@_kernel
+@_kernel("x", "mask", "out")
 def masked_row_stats(x, mask, out):
     """Per row over valid tokens: sum, min, max, count."""
     B, T = x.shape

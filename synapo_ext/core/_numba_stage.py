@@ -25,7 +25,22 @@ REWARDS, VALUES, GLOBAL_VALUES, ENTROPY, IDS = 1, 2, 4, 8, 16
 _SUM_MATH = {"reassoc", "nsz"}
 
 
-@_kernel
+@_kernel(
+    "rewards",
+    "local_values",
+    "global_values",
+    "mask",
+    "entropy",
+    "ids",
+    "lam_out",
+    "seg_out",
+    "advantages",
+    "local_returns",
+    "global_returns",
+    "start_mask",
+    "row_stats",
+    "bad",
+)
 def stage_hvm_rows(
     rewards,
     local_values,
@@ -228,7 +243,17 @@ def _segment_starts(
             seg_out[b, t] = seg
 
 
-@_kernel
+@_kernel(
+    "rewards",
+    "values",
+    "mask",
+    "entropy",
+    "lam_out",
+    "advantages",
+    "returns",
+    "row_stats",
+    "bad",
+)
 def stage_gae_rows(
     rewards,
     values,
@@ -387,7 +412,7 @@ def _row_count_sum(mask, x, has_x, b):
     return n, s
 
 
-@_kernel
+@_kernel("x")
 def shift_scale(x, shift, scale):
     """x <- (x - shift) * scale in place, rows in parallel (whitening's last pass, no (B, T) temporary)."""
     B, T = x.shape

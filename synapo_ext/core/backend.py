@@ -44,6 +44,7 @@ OPERATIONS = (
     "row_lengths",
     "divergence",
     "masked_stats",
+    "stage_mask",
     "stage",
 )
 _choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("synapo_ext_backend", default=None)

@@ -140,8 +140,9 @@ def scvl_group_stats(
     }
 
 
-def _row_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """A row's length is its last valid position + 1 (docs/spec.md), int64 (B,)."""
+def row_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """A row's length is its last valid position + 1 (docs/spec.md), 0 for a row with no valid token, int64 (B,)
+    (`mask`: bool (B, T))."""
     return backend.implementation("row_lengths", mask)(mask)
 
 
@@ -150,7 +151,8 @@ def _row_lengths_torch(mask: torch.Tensor) -> torch.Tensor:
     B, T = mask.shape
     if T == 0:
         return torch.zeros(B, dtype=torch.long, device=mask.device)
-    return T - mask.flip(1).int().argmax(dim=1)
+    flipped = mask.flip(1).view(torch.uint8)  # argmax: the first maximum, i.e. the last valid token
+    return torch.where(flipped.amax(dim=1).bool(), T - flipped.argmax(dim=1), 0)
 
 
 def _divergence(ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -227,6 +229,21 @@ def scvl_pairs(
     response_ids = check_ids(response_ids, "response_ids")
     mask = check_mask(response_mask)
     check_same_shape(mask, "response_mask", response_ids.shape, "response_ids")
+    lengths = row_lengths(mask)
+    return pairs_from_lengths(response_ids, lengths, scores, group_ids, threshold=threshold, max_pairs=max_pairs)
+
+
+def pairs_from_lengths(
+    response_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    scores: torch.Tensor,
+    group_ids: torch.Tensor | Sequence,
+    *,
+    threshold: float,
+    max_pairs: int,
+) -> SCVLPairs:
+    """`scvl_pairs` given checked ids (`check_ids`) and each row's length (last valid position + 1, int64 (B,)):
+    what the advantage stage calls, which has the lengths from its own pass over the mask."""
     B = response_ids.shape[0]
     scores = _check_scores(scores, B)
     if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
@@ -236,7 +253,7 @@ def scvl_pairs(
 
     positive = scores.to(device) >= threshold
     pos, neg = _candidate_pairs(codes, positive)
-    lengths = _row_lengths(mask)
+    lengths = lengths.to(device)
     d = _divergence(response_ids, lengths, pos, neg)
     keep = (d + 1 < lengths[pos]) & (d + 1 < lengths[neg])
     pos, neg, d = pos[keep], neg[keep], d[keep]

@@ -13,18 +13,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _fused, backend  # noqa: F401 (_fused registers the fused numba `stage`)
-from ._checks import check_mask, float_dtype, row_any
+from . import _fused, backend  # noqa: F401 (_fused registers the fused numba `stage` and `stage_mask`)
+from ._checks import check_ids, check_mask, check_mask_type, check_same_shape, float_dtype
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
 from .gae import compute_gae
 from .hvm import hvm_advantages
 from .losses import positive_lm_weights
 from .metrics import METRICS
-from .scvl import SCVLPairs, SCVLSides, scvl_group_stats, scvl_pair_values, scvl_pairs, scvl_sides
+from .scvl import SCVLPairs, SCVLSides, pairs_from_lengths, row_lengths, scvl_group_stats, scvl_pair_values, scvl_sides
 from .segments import segment_ids
 
-__all__ = ["SynAPOAdvantages", "actor_lambda", "check_actor_lambda_inputs", "compute_synapo_advantages"]
+__all__ = [
+    "StageInputs",
+    "SynAPOAdvantages",
+    "actor_lambda",
+    "check_actor_lambda_inputs",
+    "compute_synapo_advantages",
+]
 
 
 @dataclass
@@ -60,6 +66,39 @@ class SynAPOAdvantages:
     valid_rows: torch.Tensor | None = None
     positive_lm_weights: torch.Tensor | None = None
     scvl_sides: SCVLSides | None = None
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """One call of the stage, as `compute_synapo_advantages` takes it, with the mask checked: what every
+    implementation of the `stage` operation receives.
+
+    Per row: response_mask: bool (B, T); lengths: int64 (B,), each row's last valid position + 1 (0: no valid
+    token); rewards, values (B, T); global_values, entropy, response_ids (B, T), scores (B,), group_ids (B,): or
+    None. Not per row: boundary_table (V,) or None; return_lam, return_seg_ids: the optional outputs asked for.
+    """
+
+    response_mask: torch.Tensor
+    lengths: torch.Tensor
+    rewards: torch.Tensor
+    values: torch.Tensor
+    global_values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    response_ids: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    group_ids: torch.Tensor | Sequence | None = None
+    boundary_table: torch.Tensor | None = None
+    return_lam: bool = False
+    return_seg_ids: bool = False
+
+    def take(self, rows: torch.Tensor) -> StageInputs:
+        """The call on `rows` (int64 (R,)) only, checking that every per-row input has B rows."""
+        B = self.response_mask.shape[0]
+        per_row = [f.name for f in dataclasses.fields(self) if f.name not in _NOT_PER_ROW]
+        return dataclasses.replace(self, **{name: _take_rows(getattr(self, name), name, rows, B) for name in per_row})
+
+
+_NOT_PER_ROW = ("boundary_table", "return_lam", "return_seg_ids")
 
 
 def check_actor_lambda_inputs(params: SynAPOParams, entropy: torch.Tensor | None) -> None:
@@ -177,88 +216,74 @@ def compute_synapo_advantages(
     Raises:
         TypeError, ValueError: naming the argument (see the functions of each part).
     """
-    # validate and convert the mask once (an int64 mask is 8x the bytes of a bool one, and every function reads it)
-    response_mask = check_mask(response_mask, allow_empty_rows=True)
-    B = response_mask.shape[0]
-    valid_rows = row_any(response_mask)
-    rows = valid_rows.nonzero().squeeze(1)
-    per_row = {
-        "rewards": rewards,
-        "values": values,
-        "global_values": global_values,
-        "entropy": entropy,
-        "response_ids": response_ids,
-        "scores": scores,
-        "group_ids": group_ids,
-    }
-    wanted = {"return_lam": bool(return_lam), "return_seg_ids": bool(return_seg_ids)}
-    if rows.numel() < B:  # skip the empty rows, then put the results back
-        inputs = {name: _take_rows(x, name, rows, B) for name, x in per_row.items()}
-        out = _scatter_rows(_stage(params, response_mask[rows], boundary_table, **inputs, **wanted), rows, B)
-    else:
-        out = _stage(params, response_mask, boundary_table, **per_row, **wanted)
-    out.valid_rows = valid_rows
-    out.metrics[METRICS.rows_empty] = float(B - rows.numel())
-    return out
-
-
-def _stage(
-    params: SynAPOParams,
-    response_mask: torch.Tensor,
-    boundary_table: torch.Tensor | None,
-    *,
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    global_values: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    response_ids: torch.Tensor | None,
-    scores: torch.Tensor | None,
-    group_ids: torch.Tensor | Sequence | None,
-    return_lam: bool,
-    return_seg_ids: bool,
-) -> SynAPOAdvantages:
-    """The stage on rows that each hold at least one valid token (`response_mask`: bool (B, T))."""
-    if params.hvm_enabled:
-        _require(global_values, "global_values", "hvm_enabled")
-        _require(response_ids, "response_ids", "hvm_enabled")
-        _require(boundary_table, "boundary_table", "hvm_enabled")
+    # validate the mask once, as bool (an int64 mask is 8x the bytes of a bool one), with each row's length
+    response_mask = check_mask_type(response_mask)
     tensors = [x for x in (rewards, values, global_values) if isinstance(x, torch.Tensor)]
-    # B = 0: nothing to fuse (and no statistics); the composed path gives the empty outputs
-    stage = backend.implementation("stage", *tensors) if response_mask.numel() else _stage_torch
-    out = stage(
-        params,
+    prepare = backend.implementation("stage_mask", response_mask, *tensors) if response_mask.numel() else _mask_torch
+    response_mask, lengths = prepare(response_mask)
+    B = response_mask.shape[0]
+    valid_rows = lengths > 0
+    rows = valid_rows.nonzero().squeeze(1)
+    x = StageInputs(
         response_mask,
-        boundary_table,
+        lengths,
         rewards=rewards,
         values=values,
         global_values=global_values,
         entropy=entropy,
         response_ids=response_ids,
-        return_lam=return_lam,
-        return_seg_ids=return_seg_ids,
+        scores=scores,
+        group_ids=group_ids,
+        boundary_table=boundary_table,
+        return_lam=bool(return_lam),
+        return_seg_ids=bool(return_seg_ids),
     )
+    if rows.numel() < B:  # skip the empty rows, then put the results back
+        out = _scatter_rows(_stage(params, x.take(rows)), rows, B)
+    else:
+        out = _stage(params, x)
+    out.valid_rows = valid_rows
+    out.metrics[METRICS.rows_empty] = float(B - rows.numel())
+    return out
+
+
+@backend.register("stage_mask", "torch")
+def _mask_torch(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage's mask as bool (B, T), checked (0 and 1 only; rows with no valid token allowed), and each row's
+    length (last valid position + 1, int64 (B,)); the numba version does both in one pass over the mask."""
+    mask = check_mask(response_mask, allow_empty_rows=True)
+    return mask, row_lengths(mask)
+
+
+def _stage(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
+    """The stage on rows that each hold at least one valid token."""
+    if params.hvm_enabled:
+        _require(x.global_values, "global_values", "hvm_enabled")
+        _require(x.response_ids, "response_ids", "hvm_enabled")
+        _require(x.boundary_table, "boundary_table", "hvm_enabled")
+    tensors = [t for t in (x.rewards, x.values, x.global_values) if isinstance(t, torch.Tensor)]
+    # B = 0: nothing to fuse (and no statistics); the composed path gives the empty outputs
+    stage = backend.implementation("stage", *tensors) if x.response_mask.numel() else _stage_torch
+    out = stage(params, x)
     metrics = out.metrics
 
-    if scores is not None:
+    if x.scores is not None:
         out.positive_lm_weights = positive_lm_weights(
-            scores, coef=params.positive_lm_coef, threshold=params.positive_lm_threshold
+            x.scores, coef=params.positive_lm_coef, threshold=params.positive_lm_threshold
         )
     if params.scvl_enabled:
-        _require(response_ids, "response_ids", "scvl_enabled")
-        _require(scores, "scores", "scvl_enabled")
-        _require(group_ids, "group_ids", "scvl_enabled")
-        pairs = scvl_pairs(
-            response_ids,
-            response_mask,
-            scores,
-            group_ids,
-            threshold=params.scvl_threshold,
-            max_pairs=params.scvl_max_pairs,
+        _require(x.response_ids, "response_ids", "scvl_enabled")
+        _require(x.scores, "scores", "scvl_enabled")
+        _require(x.group_ids, "group_ids", "scvl_enabled")
+        ids = check_ids(x.response_ids, "response_ids")
+        check_same_shape(x.response_mask, "response_mask", ids.shape, "response_ids")
+        pairs = pairs_from_lengths(
+            ids, x.lengths, x.scores, x.group_ids, threshold=params.scvl_threshold, max_pairs=params.scvl_max_pairs
         )
         out.scvl = pairs
-        out.scvl_pos_values, out.scvl_neg_values = scvl_pair_values(values, pairs)
+        out.scvl_pos_values, out.scvl_neg_values = scvl_pair_values(x.values, pairs)
         out.scvl_sides = scvl_sides(pairs, out.scvl_pos_values, out.scvl_neg_values)
-        stats = scvl_group_stats(scores, group_ids, threshold=params.scvl_threshold)
+        stats = scvl_group_stats(x.scores, x.group_ids, threshold=params.scvl_threshold)
         metrics[METRICS.scvl_pairs] = float(pairs.pos_index.numel())
         metrics[METRICS.scvl_groups_mixed] = float(stats["groups_mixed"])
         metrics[METRICS.scvl_groups_skipped] = float(stats["groups"] - stats["groups_mixed"])
@@ -266,20 +291,10 @@ def _stage(
 
 
 @backend.register("stage", "torch")
-def _stage_torch(
-    params: SynAPOParams,
-    response_mask: torch.Tensor,
-    boundary_table: torch.Tensor | None,
-    *,
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    global_values: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    response_ids: torch.Tensor | None,
-    return_lam: bool,
-    return_seg_ids: bool,
-) -> SynAPOAdvantages:
+def _stage_torch(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
     """Lambda, HVM or GAE advantages and critic targets, metrics: the public functions composed (no SCVL)."""
+    response_mask, rewards, values, entropy = x.response_mask, x.rewards, x.values, x.entropy
+    boundary_table, return_lam, return_seg_ids = x.boundary_table, x.return_lam, x.return_seg_ids
     lam = actor_lambda(params, response_mask, entropy)
     metrics: dict[str, float] = {}
     has_tokens = response_mask.numel() > 0  # B = 0: no statistics
@@ -291,7 +306,7 @@ def _stage_torch(
     lam_out = lam if return_lam or not isinstance(lam, torch.Tensor) else None
     if params.hvm_enabled:
         seg = segment_ids(
-            response_ids,
+            x.response_ids,
             response_mask,
             boundary_table,
             min_len=params.hvm_min_len,
@@ -301,7 +316,7 @@ def _stage_torch(
         hvm = hvm_advantages(
             rewards,
             values,
-            global_values,
+            x.global_values,
             response_mask,
             seg,
             gamma=params.gamma,

@@ -142,3 +142,79 @@ def test_row_parallel_kernels_match_the_serial_ones(preset, monkeypatch):
     for name in ("advantages", "returns", "global_returns", "start_mask", "lam"):
         want, got = getattr(expected, name), getattr(out, name)
         assert (want is None and got is None) or torch.equal(got, want), name
+
+
+MASK_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=needs_numba)])
+def test_stage_reads_a_mask_of_any_dtype_the_same(backend):
+    """The mask goes into the stage as it comes (no conversion to int64 first): every dtype, with its -0.0 and its
+    empty rows, gives the bool mask's results exactly."""
+    x = _batch(5)
+    mask = x["response_mask"].bool().clone()
+    mask[[2, 7]] = False  # empty rows: skipped and counted
+    p = _params("synapo", 5)
+    with use_backend(backend):
+        expected = compute_synapo_advantages(p, **(x | {"response_mask": mask}), return_lam=True)
+        for dtype in MASK_DTYPES:
+            m = mask.to(dtype)
+            if dtype.is_floating_point:
+                m = torch.where(mask, m, -0.0)  # -0.0 is a 0
+            out = compute_synapo_advantages(p, **(x | {"response_mask": m}), return_lam=True)
+            assert out.metrics == expected.metrics, dtype
+            for name in ("advantages", "returns", "global_returns", "start_mask", "lam", "valid_rows"):
+                assert torch.equal(getattr(out, name), getattr(expected, name)), (dtype, name)
+            assert all(torch.equal(a, b) for a, b in zip(out.scvl, expected.scvl, strict=True)), dtype
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=needs_numba)])
+@pytest.mark.parametrize(
+    ("dtype", "bad"),
+    [(d, v) for d in (torch.int64, torch.int16) for v in (2, -1)]
+    + [(d, v) for d in (torch.float32, torch.bfloat16, torch.float64) for v in (2.0, -1.0, 0.5, float("nan"))],
+)
+def test_stage_refuses_a_mask_value_other_than_0_and_1(backend, dtype, bad):
+    x = _batch(6)
+    mask = x["response_mask"].to(dtype)
+    mask[4, -1] = bad  # a padding position counts too
+    with use_backend(backend), pytest.raises(ValueError, match="response_mask"):
+        compute_synapo_advantages(_params("vapo", 6), **(x | {"response_mask": mask}))
+
+
+@needs_numba
+def test_row_blocks_cover_every_row_once_and_raise_a_workers_error(monkeypatch):
+    """PARALLEL runs a kernel on blocks of rows in threads: each row once, per-row arguments sliced, others whole,
+    and an error in any block reaches the caller."""
+    from synapo_ext.core import _numba_kernels
+
+    seen = []
+
+    def kernel(rows, table, out):
+        seen.append((rows.copy(), table.shape))
+        out[:] = rows * 2
+        if 13 in rows:
+            raise RuntimeError("row 13")
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    run = _numba_kernels._row_blocks(kernel, [0, 2])
+    rows, table, out = torch.arange(40).numpy(), torch.zeros(40).numpy(), torch.zeros(40, dtype=torch.long).numpy()
+    with pytest.raises(RuntimeError, match="row 13"):
+        run(rows, table, out)
+    rows = torch.arange(50, 90).numpy()
+    seen.clear()
+    run(rows, table, out)
+    assert sorted(int(r) for block, _ in seen for r in block) == list(range(50, 90))
+    assert len(seen) == 3 * _numba_kernels.BLOCKS_PER_THREAD and all(shape == (40,) for _, shape in seen)
+    assert (out == rows * 2).all()

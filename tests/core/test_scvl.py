@@ -6,9 +6,12 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from synapo_ext.core import scvl_group_stats, scvl_loss, scvl_pairs
+from synapo_ext.core.backend import numba_available, use_backend
 
 from .reference import ref_scvl_group_stats, ref_scvl_loss, ref_scvl_loss_grad, ref_scvl_pairs
 from .strategies import DEFAULT, SLOW, generators, scvl_cases, uniform
+
+needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
 
 
 def _pairs(case, **overrides):
@@ -286,3 +289,13 @@ def test_ids_mask_shape_mismatch():
 def test_non_tensor_scores():
     with pytest.raises(TypeError, match="scores"):
         scvl_pairs(IDS, MASK, SCORES.tolist(), GROUPS)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=needs_numba)])
+def test_row_lengths_are_last_valid_position_plus_one_and_0_for_an_empty_row(backend):
+    from synapo_ext.core.scvl import row_lengths
+
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    with use_backend(backend):
+        assert row_lengths(mask).tolist() == [3, 0, 4, 1]
+        assert row_lengths(mask[:, :0]).tolist() == [0, 0, 0, 0]
