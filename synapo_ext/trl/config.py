@@ -70,7 +70,10 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
             Path or hub id of a token-classification critic. `None` (and no `critic_model` passed to the trainer):
             the critic is initialised from the policy's weights with a fresh value head.
         critic_learning_rate (`float`, *optional*, defaults to `1e-5`):
-            Learning rate of the critic's AdamW.
+            Learning rate of the critic's AdamW (a raw `torch.optim.AdamW`; its betas and epsilon are the policy's
+            `adam_beta1`, `adam_beta2`, `adam_epsilon`). The critic is prepared as accelerate runs the policy (DDP,
+            FSDP2 or DeepSpeed ZeRO-2/3, with the policy's mixed precision; `gradient_checkpointing` applies to it
+            too): see docs/trl_at_scale.md.
         critic_weight_decay (`float`, *optional*, defaults to `0.0`):
             Weight decay of the critic's AdamW.
         critic_lr_scheduler_type (`str`, *optional*, defaults to `"constant"`):

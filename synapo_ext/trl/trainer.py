@@ -58,9 +58,14 @@ class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTra
     - `_calculate_rewards`: keeps the raw rewards (TRL's output holds only normalised advantages).
     - `_compute_loss`: adds the core's positive-example LM loss (`positive_lm_coef` * mean NLL of the correct
       responses' tokens, "correct" by `positive_lm_threshold`).
+    - `_prepare_for_training`: after the policy is prepared, the critic is prepared beside it through
+      `synapo_ext.trl.distributed.prepare_critic` as accelerate runs the policy: DDP, FSDP2 (a critic initialised
+      from the policy is built on the meta device and seeded shard by shard) or DeepSpeed ZeRO-2/3 (an engine of
+      its own); in one process the critic is the module itself. `critic` is then what to call (the wrapper).
     - `save_model`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: the critic, its optimizer, scheduler and
       counters, written complete-or-absent after TRL's part of a checkpoint (TRL's rotation of old checkpoints waits
-      for it); `train` refuses to resume from a checkpoint whose critic part is missing or partial.
+      for it); under FSDP2 / DeepSpeed the weights and optimizer in their sharded layout (`critic_sharded/`) plus a
+      plain safetensors export; `train` refuses to resume from a checkpoint whose critic part is missing or partial.
 
     Args:
         critic_model: a path / hub id of a token-classification model, a model, or `None` (initialised from the
