@@ -56,9 +56,18 @@ def samples_to(curve: list[dict], threshold: float) -> float | None:
 
 
 def critic_ev(runs: list[dict], key: str = "critic/vf_explained_var") -> str:
-    """Median over the runs' optimizer steps of the critic's explained variance (measured before each update)."""
+    """Median over the runs' optimizer steps of the critic's explained variance (measured before each update).
+
+    Steps whose batch scored all 0 or all 1 (mean reward 0 or 1) are left out: their return is constant, so the
+    explained variance is undefined (verl's formula then gives ~1 for any near-constant critic)."""
     old = "critic/explained_variance"  # the name in runs stored before the canonical metric names
-    evs = sorted(x for r in runs for x in r["train_logs"].get(key, r["train_logs"].get(old, [])))
+    evs = []
+    for r in runs:
+        logs = r["train_logs"]
+        ev, reward = logs.get(key, logs.get(old, [])), logs.get("reward", [])
+        paired = zip(ev, reward, strict=True) if len(ev) == len(reward) else ((x, 0.5) for x in ev)
+        evs += [x for x, mean_reward in paired if 0.0 < mean_reward < 1.0]
+    evs.sort()
     return f"{evs[len(evs) // 2]:.2f}" if evs else "-"
 
 
