@@ -1,6 +1,12 @@
-"""Fixtures for the TRL adapter tests: a tiny policy, a local tokenizer and a trainer factory (no hub)."""
+"""Fixtures for the TRL adapter tests: a tiny policy, a local tokenizer and a trainer factory (no hub), one
+generation batch, a spy on the critic's updates, and a two-rank torchrun launcher."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -49,3 +55,57 @@ def make_trainer(tmp_path, tokenizer):
         )
 
     return factory
+
+
+@pytest.fixture
+def rollout_inputs():
+    """`rollout_inputs(trainer, n_prompts=2)` -> one generation batch as TRL's sampler yields it: each prompt of
+    the tiny task `trainer.num_generations` times in a row (rows of `make_dataset(n_prompts, seed=1)`)."""
+
+    def inputs(trainer, n_prompts: int = 2) -> list[dict]:
+        rows = make_dataset(n_prompts, seed=1).to_list()
+        return [dict(row) for row in rows for _ in range(trainer.num_generations)]
+
+    return inputs
+
+
+@pytest.fixture
+def critic_batches(monkeypatch):
+    """Every batch the trainer's stage hands to `update_critic` (the real update still runs), oldest first."""
+    from synapo_ext.trl import stage
+
+    seen = []
+    real_update = stage.update_critic
+
+    def spy(critic, optimizer, scheduler, batch, params, **kwargs):
+        seen.append(batch)
+        return real_update(critic, optimizer, scheduler, batch, params, **kwargs)
+
+    monkeypatch.setattr(stage, "update_critic", spy)
+    return seen
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def torchrun():
+    """`torchrun(script, *args, timeout=..., env=...)` -> the finished 2-rank `torch.distributed.run` of
+    tests/trl/`script` (CPU, one thread per rank), run from the repository root; fails the test on a non-zero exit,
+    with the end of both outputs."""
+
+    def run(script: str, *args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(_free_port()), os.path.join(ROOT, "tests", "trl", script), *args]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc
+
+    return run

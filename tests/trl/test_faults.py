@@ -10,17 +10,9 @@ import torch
 pytest.importorskip("trl")
 
 from synapo_ext.core import METRICS  # noqa: E402
-from synapo_ext.trl import stage as stage_module  # noqa: E402
 from synapo_ext.trl.stage import LM_WEIGHT  # noqa: E402
 
-from .tiny import make_dataset  # noqa: E402
-
 pytestmark = pytest.mark.trl
-
-
-def _inputs(trainer, n_prompts=2):
-    rows = make_dataset(n_prompts, seed=1).to_list()
-    return [dict(row) for row in rows for _ in range(trainer.num_generations)]
 
 
 def _logged(trainer, name):
@@ -49,27 +41,19 @@ def test_all_completions_truncated_and_masked_is_skipped_and_counted(make_traine
 
 
 @pytest.mark.parametrize("missing", [None, math.nan])
-def test_rows_without_a_score_are_left_out_and_counted(make_trainer, monkeypatch, missing):
+def test_rows_without_a_score_are_left_out_and_counted(make_trainer, rollout_inputs, critic_batches, missing):
     def reward(completions, **kwargs):  # rows 0, 3, 6: no score; the others: 1 if the completion starts with a digit
         return [missing if i % 3 == 0 else float(c[:1].isdigit()) for i, c in enumerate(completions)]
 
     trainer = make_trainer("synapo", reward_funcs=[reward])
     trainer.model.train()
-    seen = {}
-    real_update = stage_module.update_critic
-
-    def spy(critic, optimizer, scheduler, batch, params, **kwargs):
-        seen["batch"] = batch
-        return real_update(critic, optimizer, scheduler, batch, params, **kwargs)
-
-    monkeypatch.setattr(stage_module, "update_critic", spy)
-    output = trainer._generate_and_score_completions(_inputs(trainer))
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer))
     B = output["completion_ids"].size(0)
     unscored = torch.arange(B) % 3 == 0
     mask = output["completion_mask"].bool()
     assert (output["advantages"][unscored] == 0).all()  # no advantage
     assert (output[LM_WEIGHT][unscored] == 0).all()  # no positive-LM loss
-    batch = seen["batch"]
+    batch = critic_batches[-1]
     assert (batch.response_mask[unscored] == 0).all()  # no critic target
     assert batch.sides.rows.numel() > 0  # pairs exist (seeded rollout) ...
     assert not torch.isin(batch.sides.rows, unscored.nonzero().squeeze(1)).any()  # ... but none with these rows

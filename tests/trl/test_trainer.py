@@ -10,10 +10,7 @@ pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402
 
 from synapo_ext.core import METRICS, PRESETS  # noqa: E402
-from synapo_ext.trl import stage as stage_module  # noqa: E402
 from synapo_ext.trl.stage import LM_WEIGHT  # noqa: E402
-
-from .tiny import make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.trl
 
@@ -24,13 +21,6 @@ def _snapshot(model):
 
 def _changed(before, model):
     return [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
-
-
-def _inputs(trainer, n_prompts=2):
-    """One generation batch as TRL's sampler yields it: each prompt `num_generations` times in a row."""
-    rows = make_dataset(n_prompts, seed=1).to_list()
-    G = trainer.num_generations
-    return [dict(row) for row in rows for _ in range(G)]
 
 
 def ref_gae(rewards, values, mask, gamma, lam):
@@ -74,19 +64,11 @@ def test_train_every_preset(make_trainer, preset):
     assert expected <= logged, expected - logged
 
 
-def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, monkeypatch):
+def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, rollout_inputs, critic_batches):
     trainer = make_trainer("ppo")
     trainer.model.train()
-    seen = {}
-    real_update = stage_module.update_critic
-
-    def spy(critic, optimizer, scheduler, batch, params, **kwargs):
-        seen["batch"] = batch
-        return real_update(critic, optimizer, scheduler, batch, params, **kwargs)
-
-    monkeypatch.setattr(stage_module, "update_critic", spy)
-    output = trainer._generate_and_score_completions(_inputs(trainer))
-    batch = seen["batch"]
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer))
+    batch = critic_batches[-1]
     mask = batch.response_mask.double()
     scores = trainer._rewards_per_func[:, 0].double()  # one reward function of weight 1: the score
     last = mask.size(1) - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
@@ -103,8 +85,8 @@ def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, monkeypatch)
     expected_rows = (advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
     torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), expected_rows, rtol=1e-5, atol=1e-5)
     # second rollout: the critic has moved, values are non-zero
-    output = trainer._generate_and_score_completions(_inputs(trainer))
-    batch = seen["batch"]
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer))
+    batch = critic_batches[-1]
     mask, values = batch.response_mask.double(), batch.old_values[..., 0].double()
     assert values.abs().sum() > 0
     last = mask.size(1) - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)
@@ -115,11 +97,11 @@ def test_ppo_advantages_equal_a_float64_gae_reference(make_trainer, monkeypatch)
     torch.testing.assert_close(output["advantages"].double()[m], advantages[m], rtol=1e-4, atol=1e-4)
 
 
-def test_value_warmup_trains_only_the_critic(make_trainer):
+def test_value_warmup_trains_only_the_critic(make_trainer, rollout_inputs):
     trainer = make_trainer("vapo", value_warmup_steps=2)
     trainer.model.train()
     policy_before, critic_before = _snapshot(trainer.model), _snapshot(trainer.critic)
-    trainer._generate_and_score_completions(_inputs(trainer))
+    trainer._generate_and_score_completions(rollout_inputs(trainer))
     assert trainer._warmup_done == 2 and trainer._critic_updates == 3  # 2 warm-up rollouts + this one
     assert _changed(critic_before, trainer.critic)
     assert not _changed(policy_before, trainer.model)
@@ -135,7 +117,9 @@ def test_critic_moves_under_gradient_accumulation(make_trainer):
 
 
 @pytest.mark.parametrize("trl_runs_old_logps", [True, False])
-def test_rollout_entropy_comes_from_trl_old_logprob_pass(make_trainer, monkeypatch, trl_runs_old_logps):
+def test_rollout_entropy_comes_from_trl_old_logprob_pass(
+    make_trainer, rollout_inputs, monkeypatch, trl_runs_old_logps
+):
     # steps_per_generation 4 > gradient_accumulation_steps 2: TRL runs its old-log-prob pass; we reuse it
     overrides = {"steps_per_generation": 4, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
     trainer = make_trainer("synapo-no-hvm", **(overrides if trl_runs_old_logps else {}))
@@ -148,17 +132,17 @@ def test_rollout_entropy_comes_from_trl_old_logprob_pass(make_trainer, monkeypat
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", spy)
-    output = trainer._generate_and_score_completions(_inputs(trainer, n_prompts=2))
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer, n_prompts=2))
     assert calls == [True], calls  # exactly one policy forward, with entropy (TRL's own, or our extra one)
     assert ("old_per_token_logps" in output) == trl_runs_old_logps
 
 
-def test_positive_lm_loss_adds_coef_times_nll(make_trainer):
+def test_positive_lm_loss_adds_coef_times_nll(make_trainer, rollout_inputs):
     # VAPO's normalisation: coef * the mean NLL over the correct responses' tokens of the micro-batch
     trainer = make_trainer("vapo")
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
-    inputs = trainer._generate_and_score_completions(_inputs(trainer))
+    inputs = trainer._generate_and_score_completions(rollout_inputs(trainer))
     positive = torch.tensor([True, False] * (len(inputs[LM_WEIGHT]) // 2))
     inputs[LM_WEIGHT] = 0.1 * positive.float()  # the core's weights: coef on correct rows
     with_lm = trainer._compute_loss(trainer.model, inputs).detach()  # with grad: the LM term uses the loss pass
@@ -176,11 +160,11 @@ def test_positive_lm_loss_adds_coef_times_nll(make_trainer):
     torch.testing.assert_close(with_lm - without, 0.1 * nll / trainer.current_gradient_accumulation_steps)
 
 
-def test_positive_lm_weights_follow_their_own_threshold(make_trainer):
+def test_positive_lm_weights_follow_their_own_threshold(make_trainer, rollout_inputs):
     # "correct" for the positive-example LM loss is score >= positive_lm_threshold, whatever scvl_threshold says
     trainer = make_trainer("synapo", positive_lm_threshold=0.5, scvl_threshold=2.0)
     trainer.model.train()
-    output = trainer._generate_and_score_completions(_inputs(trainer))
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer))
     scores = trainer._rewards_per_func[:, 0]  # first_char_reward: 0 or 1
     has_tokens = output["completion_mask"].any(dim=1)
     expected = 0.1 * ((scores >= 0.5) & has_tokens).float()  # coef 0.1 on correct rows with a token

@@ -10,21 +10,14 @@ pytest.importorskip("trl")
 
 from synapo_ext.core import METRICS  # noqa: E402
 
-from .tiny import make_dataset  # noqa: E402
-
 pytestmark = pytest.mark.trl
 
 
-def _inputs(trainer, n_prompts=2):
-    rows = make_dataset(n_prompts, seed=1).to_list()
-    return [dict(row) for row in rows for _ in range(trainer.num_generations)]
-
-
-def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, caplog):
+def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, rollout_inputs, caplog):
     trainer = make_trainer("vapo", value_warmup_steps=2)
     trainer.model.train()
     with caplog.at_level(logging.WARNING, logger="synapo_ext.trl.warmup"):
-        trainer._generate_and_score_completions(_inputs(trainer))
+        trainer._generate_and_score_completions(rollout_inputs(trainer))
     # the step's own rollout only: one value each (the warm-up's two batches went to their own log entries)
     assert len(trainer._metrics["train"][METRICS.vf_loss]) == 1
     assert len(trainer._metrics["train"]["reward"]) == 1
