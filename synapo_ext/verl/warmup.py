@@ -62,13 +62,21 @@ def warmup_step(trainer: Any, ctx: StepContext, params: SynAPOParams, metrics: d
     metrics[METRICS.warmup_done] = float(not in_warmup)
 
 
-def _state_path(trainer: Any, step: int) -> str:
-    root = trainer.config.trainer.default_local_dir
-    if trainer.config.trainer.resume_mode == "resume_path" and step:
-        folder = trainer.config.trainer.resume_from_path
+def _checkpoint_folder(trainer: Any, step: int, *, loaded: bool) -> str:
+    """The folder verl's V1 trainer saves step `step` to, or (`loaded`) resumed it from; absolute.
+
+    verl 0.9.1 has no function for this name: `_save_checkpoint` writes ``{default_local_dir}/global_step_{step}``
+    inline (as `RayPPOTrainer` and `CheckpointHandler` do); `_load_checkpoint` reads ``resume_from_path`` in
+    `resume_mode="resume_path"`, else the folder of that name that its tracker file points at
+    (`find_latest_ckpt_path`), and sets `global_steps` from the folder name. A relative path is taken from the
+    working directory, as verl takes it.
+    """
+    config = trainer.config.trainer
+    if loaded and config.resume_mode == "resume_path" and step:
+        folder = config.resume_from_path
     else:
-        folder = os.path.join(root, f"global_step_{step}")
-    return os.path.join(folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder), STATE_FILE)
+        folder = os.path.join(config.default_local_dir, f"global_step_{step}")
+    return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
 
 
 def wrap_save_checkpoint(original: Any) -> Any:
@@ -83,8 +91,7 @@ def wrap_save_checkpoint(original: Any) -> Any:
                 "critic_warmup": int(self.config.trainer.critic_warmup),
                 "warmup_rule": None if rule is None else rule.state_dict(),
             }
-            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
+            with open(os.path.join(_checkpoint_folder(self, self.global_steps, loaded=False), STATE_FILE), "w") as f:
                 json.dump(state, f)
         return out
 
@@ -99,7 +106,7 @@ def wrap_load_checkpoint(original: Any) -> Any:
     def _load_checkpoint(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         if is_synapo(self.config) and self.global_steps:
-            path = _state_path(self, self.global_steps)
+            path = os.path.join(_checkpoint_folder(self, self.global_steps, loaded=True), STATE_FILE)
             if not os.path.exists(path):
                 raise FileNotFoundError(
                     f"synapo: resuming step {self.global_steps} but its checkpoint has no {STATE_FILE} ({path}); "
