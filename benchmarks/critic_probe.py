@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pretrain_max_rollouts",
         type=int,
-        default=2048,
-        help="checked task: cap of the value pre-training with its stopping rule (0: skip it)",
+        default=None,
+        help="checked task: cap of the value pre-training with its stopping rule (default: the learning benchmark's, "
+        "so the probe reports, and caches, the very critics the learning run starts from; 0: skip it)",
     )
     parser.add_argument("--out", default="", help="default benchmarks/results/<learning|checked>/critic_probe.md")
     parser.add_argument("--cache_dir", default="", help="default benchmarks/cache/<learning|learning_checked>")
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     a = learning.parse_args(["--task", args.task, "--sft_steps", str(args.sft_steps)]
                             + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
                             + (["--pretrain_max_rollouts", str(args.pretrain_max_rollouts)]
-                               if args.pretrain_max_rollouts > 0 else []))  # fmt: skip
+                               if args.pretrain_max_rollouts else []))  # fmt: skip
     task, cfg = learning.task_module(a), learning.task_config(a)
     out_path = args.out or os.path.join(a.out, "critic_probe.md")
     policy, tokenizer = load_policy(task.warm_start(cfg, 0, a.cache_dir))
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += checked_diagnosis(policy, data, returns, train, test, args, log)
         best_lookup = max(ev for name, ev in ceiling_ev.items() if name.startswith("lookup") and ev is not None)
         critic_ev = None
-        if args.pretrain_max_rollouts > 0:
+        if args.pretrain_max_rollouts != 0:
             pretrain_lines, critic_ev = checked_pretrain(policy, tokenizer, a, data, returns, test, log)
         gate_lines = [
             "",
