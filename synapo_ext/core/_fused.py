@@ -115,7 +115,7 @@ def numba_stage(k: SimpleNamespace, params: SynAPOParams, x: StageInputs) -> Syn
         seg_ids = empty((B, T), torch.long) if return_seg_ids else None
         k.stage_hvm_rows(
             as_numpy(_array(rewards, dtype)), as_numpy(_array(values, dtype)), as_numpy(_array(global_values, dtype)),
-            as_numpy(mask), ent, use_entropy, as_numpy(ids), as_numpy(table), *lam_args,
+            as_numpy(mask), ent, use_entropy, as_numpy(ids), as_numpy(table), lam_args,
             params.hvm_min_len, params.hvm_max_len or 0, params.hvm_fallback_len or 0,
             params.gamma, params.hvm_global_lambda, float(params.hvm_global_weight), whiten,
             lam is not None, as_numpy(no_lam if lam is None else lam),
@@ -126,7 +126,7 @@ def numba_stage(k: SimpleNamespace, params: SynAPOParams, x: StageInputs) -> Syn
     else:
         k.stage_gae_rows(
             as_numpy(_array(rewards, dtype)), as_numpy(_array(values, dtype)), as_numpy(mask), ent, use_entropy,
-            *lam_args, params.gamma, params.critic_lambda, whiten, lam is not None,
+            lam_args, params.gamma, params.critic_lambda, whiten, lam is not None,
             as_numpy(no_lam if lam is None else lam), as_numpy(advantages), as_numpy(returns), as_numpy(row_stats),
             as_numpy(bad),
         )  # fmt: skip

@@ -168,40 +168,66 @@ def masked_row_sums(x, mask, center, sums, counts):
 
 @_kernel("ids", "mask", "out")
 def segment_rows(ids, mask, table, min_len, max_len, fallback_len, out):
-    """Segment ids in one forward pass per row (see segments.py for the rules).
+    """Segment ids in one forward pass per row (see segments.py for the rules, `segment_starts` for the pass)."""
+    B, T = ids.shape
+    no_starts = np.zeros((1, 1), np.bool_)
+    for b in prange(B):
+        n = 0
+        last = 0
+        has_delimiter = False
+        for t in range(T):
+            if mask[b, t]:
+                n += 1
+                last = t + 1
+                if table[ids[b, t]]:
+                    has_delimiter = True
+        segment_starts(
+            ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len, True, out, False, no_starts
+        )
+
+
+@njit(cache=True, nogil=True)
+def segment_starts(
+    ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len, write_seg, seg_out, write_starts,
+    start_mask,
+):  # fmt: skip
+    """Row b's segments in one forward pass (n valid tokens, the last at `last` - 1): its ids into seg_out (when
+    `write_seg`), its start flags into start_mask (when `write_starts`).
 
     Greedy min_len in one pass: a raw end at valid index i closes the segment iff it is the row's last token,
     or the segment holds >= min_len tokens and the tokens left after it (n - 1 - i) are >= min_len (a shorter
     tail would merge back into this segment). max_len cuts every max_len tokens from the segment's start.
     """
-    B, T = ids.shape
-    for b in prange(B):
-        n = 0
-        has_delimiter = False
-        for t in range(T):
-            if mask[b, t]:
-                n += 1
-                if table[ids[b, t]]:
-                    has_delimiter = True
-        seg = 0
-        i = 0  # valid-token index
-        seg_len = 0  # tokens in the current (merged) segment so far, this one included
-        for t in range(T):
-            out[b, t] = seg
-            if not mask[b, t]:
-                continue
-            seg_len += 1
-            if has_delimiter:
-                raw_end = table[ids[b, t]]
-            else:
-                raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
-            end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
-            piece_end = max_len > 0 and seg_len % max_len == 0
-            if (end or piece_end) and i < n - 1:
-                seg += 1
-            if end:
-                seg_len = 0
-            i += 1
+    seg = 0
+    i = 0  # valid-token index
+    seg_len = 0  # tokens in the current (merged) segment so far, this one included
+    next_is_start = True
+    for t in range(last):
+        if write_seg:
+            seg_out[b, t] = seg
+        if not mask[b, t]:
+            if write_starts:
+                start_mask[b, t] = False
+            continue
+        if write_starts:
+            start_mask[b, t] = next_is_start
+        next_is_start = False
+        seg_len += 1
+        if has_delimiter:
+            raw_end = table[ids[b, t]]
+        else:
+            raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
+        end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
+        piece_end = max_len > 0 and seg_len % max_len == 0
+        if (end or piece_end) and i < n - 1:
+            seg += 1
+            next_is_start = True
+        if end:
+            seg_len = 0
+        i += 1
+    if write_seg:
+        for t in range(last, seg_out.shape[1]):
+            seg_out[b, t] = seg
 
 
 @_kernel(
@@ -260,14 +286,10 @@ def hvm_rows(
                 continue
             r = rewards[b, t]
             lam_t = lam[b, t] if per_token_lam else lam[0, 0]
-            if (not have_next) or seg_ids[b, t] != next_seg:  # t = e_k: bootstrap from g_{k+1}, restart
-                running = r + gamma * next_global - local_values[b, t]
-                local_return = r + gamma * next_global
-                discount = gamma
-            else:
-                running = r + gamma * next_local - local_values[b, t] + gamma * lam_t * running
-                local_return = r + gamma * local_return
-                discount *= gamma
+            is_end = (not have_next) or seg_ids[b, t] != next_seg
+            running, local_return, discount = hvm_local_step(
+                r, local_values[b, t], is_end, next_local, next_global, lam_t, gamma, running, local_return, discount
+            )
             mc_return = r + gamma * mc_return
             advantages[b, t] = running
             local_returns[b, t] = local_return
@@ -294,6 +316,19 @@ def hvm_rows(
                 advantages[b, t] = 0.0
                 local_returns[b, t] = 0.0
                 global_returns[b, t] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def hvm_local_step(r, v, is_end, next_local, next_global, lam_t, gamma, running, local_return, discount):
+    """One token of HVM's backward pass inside a segment: (AL_t, LR_t, gamma^(e_k - t + 1)) from the next token's.
+    At a segment end e_k (`is_end`) the local GAE and target bootstrap from the next segment's g_{k+1} and restart:
+
+        AL_t = r_t + gamma g_{k+1} - V_t                  LR_t = r_t + gamma g_{k+1}
+        AL_t = r_t + gamma V_{t+1} - V_t + gamma lambda_t AL_{t+1}    LR_t = r_t + gamma LR_{t+1}   (inside)
+    """
+    if is_end:
+        return r + gamma * next_global - v, r + gamma * next_global, gamma
+    return r + gamma * next_local - v + gamma * lam_t * running, r + gamma * local_return, discount * gamma
 
 
 @_kernel("pos", "neg", "shortest", "out")

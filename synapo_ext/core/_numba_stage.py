@@ -4,8 +4,11 @@
 (segments.py's rules), HVM's local and global GAE and both heads' targets; `stage_gae_rows` the actor's GAE and
 the critic's returns at `critic_lambda` in one backward pass. Lambda and segment ids are written only when the
 caller asks for them (`write_lam`, `write_seg`); per-row sums for the metrics and for whitening go to `row_stats`.
-The formulas and the order of every floating-point operation are those of `_numba_kernels.py`'s separate kernels,
-so the fused stage gives the same numbers. Accumulators are float64 whatever the array dtype.
+Both take the actor's lambda as `lam_args` = (adaptive, constant lambda, alpha, beta, eps, lambda_min, lambda_max):
+EA-GAE's (or VAPO's, beta = 0) when adaptive, else the constant.
+The formulas and the order of every floating-point operation are those of `_numba_kernels.py`'s separate kernels
+(the segment pass and HVM's local step are theirs: `segment_starts`, `hvm_local_step`), so the fused stage gives
+the same numbers. Accumulators are float64 whatever the array dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numba_kernels import _kernel
+from ._numba_kernels import _kernel, hvm_local_step, segment_starts
 
 # columns of `row_stats` (float64 (B, STATS))
 N_VALID, LAM_SUM, LAM_MIN, LAM_MAX, ENTROPY_SUM, SEGMENTS, ADV_MEAN, ADV_M2 = range(8)
@@ -50,13 +53,7 @@ def stage_hvm_rows(
     has_entropy,
     ids,
     table,
-    adaptive,
-    lam_const,
-    alpha,
-    beta,
-    eps,
-    lambda_min,
-    lambda_max,
+    lam_args,
     min_len,
     max_len,
     fallback_len,
@@ -95,23 +92,20 @@ def stage_hvm_rows(
         bad[b] = flags
         if flags:
             continue
-        n, entropy_sum = _row_count_sum(mask, entropy, has_entropy, b)
-        last = _row_end(mask, b)  # the padding after the last valid token gets plain fills, not the passes below
-        for t in range(last, T):
+        n, entropy_sum, last, lam_row = _row_start(mask, entropy, has_entropy, b, lam_args, write_lam, lam_out)
+        for t in range(last, T):  # the padding after the last valid token: plain fills, not the passes below
             advantages[b, t] = 0.0
             local_returns[b, t] = 0.0
             global_returns[b, t] = 0.0
             start_mask[b, t] = False
-        lam_row = _row_lambda(entropy, has_entropy, b, last, n, alpha, beta, eps, lambda_min, lambda_max, write_lam,
-                              lam_out) if adaptive else lam_out[0]  # fmt: skip
         has_delimiter = False
         for t in range(last):
             if mask[b, t] and table[ids[b, t]]:
                 has_delimiter = True
                 break
         if forward:
-            _segment_starts(ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len,
-                            write_seg, seg_out, start_mask)  # fmt: skip
+            segment_starts(ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len,
+                           write_seg, seg_out, True, start_mask)  # fmt: skip
 
         # (3) backward. Per valid token t (j-th from the end, valid index i = n - 1 - j): t is a segment end e_k
         # iff it is the last token or the next valid token starts a segment.
@@ -151,20 +145,16 @@ def stage_hvm_rows(
                     segment_advantage, global_lam, global_weight, advantages, global_returns, start_mask,
                 )  # fmt: skip
                 segments += 1
-            lam_t = lam_row[t] if adaptive else lam_const
+            lam_t = lam_row[t] if lam_args[0] else lam_args[1]
             lam_sum += lam_t
             lam_lo = min(lam_lo, lam_t)
             lam_hi = max(lam_hi, lam_t)
             r = rewards[b, t]
-            if is_end:  # t = e_k: bootstrap from g_{k+1}, restart
-                running = r + gamma * next_global - local_values[b, t]
-                local_return = r + gamma * next_global
-                discount = gamma
+            running, local_return, discount = hvm_local_step(
+                r, local_values[b, t], is_end, next_local, next_global, lam_t, gamma, running, local_return, discount
+            )
+            if is_end:  # t = e_k
                 end_pos = t
-            else:
-                running = r + gamma * next_local - local_values[b, t] + gamma * lam_t * running
-                local_return = r + gamma * local_return
-                discount *= gamma
             mc_return = r + gamma * mc_return
             advantages[b, t] = running
             local_returns[b, t] = local_return
@@ -180,14 +170,7 @@ def stage_hvm_rows(
         )  # fmt: skip
         segments += 1
 
-        row_stats[b, N_VALID] = n
-        row_stats[b, LAM_SUM] = lam_sum
-        row_stats[b, LAM_MIN] = lam_lo
-        row_stats[b, LAM_MAX] = lam_hi
-        row_stats[b, ENTROPY_SUM] = entropy_sum
-        row_stats[b, SEGMENTS] = segments
-        if moments:
-            _row_moments(advantages, mask, b, n, row_stats)
+        _row_end_stats(row_stats, b, n, lam_sum, lam_lo, lam_hi, entropy_sum, segments, moments, advantages, mask)
 
 
 @njit(cache=True, nogil=True)
@@ -208,41 +191,6 @@ def _close_segment(
     return segment_advantage, g
 
 
-@njit(cache=True, nogil=True)
-def _segment_starts(
-    ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len, write_seg, seg_out, start_mask
-):  # fmt: skip
-    """Row b's segment starts (and ids if asked) in one forward pass: segment_rows's decisions."""
-    seg = 0
-    i = 0
-    seg_len = 0
-    next_is_start = True
-    for t in range(last):
-        if write_seg:
-            seg_out[b, t] = seg
-        if not mask[b, t]:
-            start_mask[b, t] = False
-            continue
-        start_mask[b, t] = next_is_start
-        next_is_start = False
-        seg_len += 1
-        if has_delimiter:
-            raw_end = table[ids[b, t]]
-        else:
-            raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
-        end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
-        piece_end = max_len > 0 and seg_len % max_len == 0
-        if (end or piece_end) and i < n - 1:
-            seg += 1
-            next_is_start = True
-        if end:
-            seg_len = 0
-        i += 1
-    if write_seg:
-        for t in range(last, seg_out.shape[1]):
-            seg_out[b, t] = seg
-
-
 @_kernel(
     "rewards",
     "values",
@@ -260,13 +208,7 @@ def stage_gae_rows(
     mask,
     entropy,
     has_entropy,
-    adaptive,
-    lam_const,
-    alpha,
-    beta,
-    eps,
-    lambda_min,
-    lambda_max,
+    lam_args,
     gamma,
     critic_lam,
     moments,
@@ -285,13 +227,10 @@ def stage_gae_rows(
         bad[b] = _row_finite_flags(rewards, values, entropy, has_entropy, b)  # as stage_hvm_rows
         if bad[b]:
             continue
-        n, entropy_sum = _row_count_sum(mask, entropy, has_entropy, b)
-        last = _row_end(mask, b)
+        n, entropy_sum, last, lam_row = _row_start(mask, entropy, has_entropy, b, lam_args, write_lam, lam_out)
         for t in range(last, T):  # A = 0 and G = V past the last valid token, as the per-token loop gives
             advantages[b, t] = 0.0
             returns[b, t] = values[b, t]
-        lam_row = _row_lambda(entropy, has_entropy, b, last, n, alpha, beta, eps, lambda_min, lambda_max, write_lam,
-                              lam_out) if adaptive else lam_out[0]  # fmt: skip
         next_value = 0.0
         running = 0.0
         critic = 0.0
@@ -300,7 +239,7 @@ def stage_gae_rows(
         lam_hi = 0.0
         for t in range(last - 1, -1, -1):
             if mask[b, t]:
-                lam_t = lam_row[t] if adaptive else lam_const
+                lam_t = lam_row[t] if lam_args[0] else lam_args[1]
                 lam_sum += lam_t
                 lam_lo = min(lam_lo, lam_t)
                 lam_hi = max(lam_hi, lam_t)
@@ -310,14 +249,35 @@ def stage_gae_rows(
                 next_value = values[b, t]
             advantages[b, t] = running
             returns[b, t] = critic + values[b, t]
-        row_stats[b, N_VALID] = n
-        row_stats[b, LAM_SUM] = lam_sum
-        row_stats[b, LAM_MIN] = lam_lo
-        row_stats[b, LAM_MAX] = lam_hi
-        row_stats[b, ENTROPY_SUM] = entropy_sum
-        row_stats[b, SEGMENTS] = 0.0
-        if moments:
-            _row_moments(advantages, mask, b, n, row_stats)
+        _row_end_stats(row_stats, b, n, lam_sum, lam_lo, lam_hi, entropy_sum, 0, moments, advantages, mask)
+
+
+@njit(cache=True, nogil=True)
+def _row_start(mask, entropy, has_entropy, b, lam_args, write_lam, lam_out):
+    """Row b's (number of valid tokens, entropy sum over them, last valid position + 1, lambda row): the lambda row
+    is `_row_lambda`'s with an adaptive lambda (lam_args[0]), else lam_out's first row (unread)."""
+    adaptive, _, alpha, beta, eps, lambda_min, lambda_max = lam_args
+    n, entropy_sum = _row_count_sum(mask, entropy, has_entropy, b)
+    last = _row_end(mask, b)
+    if adaptive:
+        lam_row = _row_lambda(entropy, has_entropy, b, last, n, alpha, beta, eps, lambda_min, lambda_max, write_lam,
+                              lam_out)  # fmt: skip
+    else:
+        lam_row = lam_out[0]
+    return n, entropy_sum, last, lam_row
+
+
+@njit(cache=True, nogil=True)
+def _row_end_stats(row_stats, b, n, lam_sum, lam_lo, lam_hi, entropy_sum, segments, moments, advantages, mask):
+    """Row b's statistics into `row_stats`, and A's moments over the row when whitening (`moments`)."""
+    row_stats[b, N_VALID] = n
+    row_stats[b, LAM_SUM] = lam_sum
+    row_stats[b, LAM_MIN] = lam_lo
+    row_stats[b, LAM_MAX] = lam_hi
+    row_stats[b, ENTROPY_SUM] = entropy_sum
+    row_stats[b, SEGMENTS] = segments
+    if moments:
+        _row_moments(advantages, mask, b, n, row_stats)
 
 
 @njit(cache=True, nogil=True, fastmath=_SUM_MATH)

@@ -8,7 +8,8 @@ that chooses, so a new kernel (e.g. a GPU one) registers in one place.
 Choose with the environment variable `SYNAPO_EXT_BACKEND` (`auto`, `torch`, `numba`) or `use_backend(...)`, which
 is local to the calling thread / task (a context variable), not to the process: `auto` (default) takes numba for
 CPU tensors when it imports, torch otherwise (GPU tensors always use torch). numba's own settings are left as the
-user set them (e.g. `NUMBA_THREADING_LAYER=workqueue` keeps numba's pool from spinning beside torch's OpenMP).
+user set them, and its thread pool is not used: large batches run the serial kernels on blocks of rows in plain
+threads (see `_numba_kernels.py`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ _kernels: ModuleType | None = None  # the compiled kernel module, imported on fi
 _numba_unusable = False  # numba is installed but failed to import (auto then runs torch)
 _log = logging.getLogger(__name__)
 
-# Below this many tokens the serial kernels run: a thread pool would cost more than it saves, and its
-# spinning threads would compete with torch's for the cores in the middle of a training step.
+# Below this many tokens the kernels run in the caller's thread alone: starting threads would cost more than
+# they save.
 PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
