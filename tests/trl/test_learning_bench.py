@@ -145,3 +145,19 @@ def test_critic_sanity_end_to_end(tmp_path):
     assert critic_sanity.main(argv) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 1-1 |") or line.startswith("| 2-2 |")]
     assert len(rows) == 2 and "nan" not in out.read_text()
+
+
+def test_pretrain_key_follows_the_pre_training_only():
+    """The cached value pre-training is shared by runs whose RL settings differ (a frozen-policy diagnostic reuses
+    it), and rebuilt when the task or the pre-training's own settings change."""
+    import dataclasses
+
+    from learning_setup import Args, apply_quick, pretrain_key, setup_key
+
+    a = apply_quick(Args(task="checked"))
+    rl_only = dataclasses.replace(a, learning_rate=1e-12, samples=2048, critic_learning_rate=1e-4, seeds=[7])
+    assert pretrain_key(rl_only) == pretrain_key(a)
+    assert setup_key(rl_only) != setup_key(a)
+    for change in ({"pretrain_max_rollouts": 4096}, {"pretrain_target_ev": 0.5}, {"sft_steps": 100},
+                   {"warm_start_seed": 1}, {"task": "chain"}):  # fmt: skip
+        assert pretrain_key(dataclasses.replace(a, **change)) != pretrain_key(a), change
