@@ -71,6 +71,13 @@ class PreparedCritic:
     engine: Any = None
 
     @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer whose `param_groups` the step reads: build LR schedulers on it (under DeepSpeed the
+        client AdamW inside the engine's ZeRO optimizer, which torch's schedulers refuse: not an `Optimizer`)."""
+        inner = getattr(self.optimizer, "optimizer", None)
+        return inner if self.backend == "deepspeed" and isinstance(inner, torch.optim.Optimizer) else self.optimizer
+
+    @property
     def unwrapped(self) -> nn.Module:
         """The `PreTrainedModel` inside the wrapper (FSDP2 wraps in place: the model itself)."""
         return getattr(self.model, "module", self.model)
@@ -439,7 +446,7 @@ def full_critic_state_dict(prepared: PreparedCritic) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(prepared.model, options=options)
     if prepared.backend == "deepspeed" and prepared.engine.zero_optimization_partition_weights():
-        return prepared.engine._zero3_consolidated_16bit_state_dict()
+        return prepared.engine._zero3_consolidated_16bit_state_dict() or {}  # None off the main process
     return prepared.unwrapped.state_dict()
 
 

@@ -214,7 +214,7 @@ class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTra
             per_rollout = args.critic_epochs * math.ceil(local_batch / self._critic_mini_batch())
             self.critic_scheduler = get_scheduler(
                 args.critic_lr_scheduler_type,
-                self.critic_optimizer,
+                self._critic.base_optimizer,
                 num_warmup_steps=0,
                 num_training_steps=(rollouts + self.synapo.value_warmup_steps) * per_rollout,
             )
