@@ -1,4 +1,4 @@
-"""`synapo_ext.testing`'s builders under verl's transformers (<5.11) (the checks: tests/builder_checks.py)."""
+"""`synapo_ext.testing`'s builders under verl's transformers, <5.11 (the checks: tests/builder_checks.py)."""
 
 from __future__ import annotations
 
