@@ -38,6 +38,10 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return backend.implementation("whiten", values)(values, mask)
 
 
+# float64 temporaries of at most this many elements (8 MiB) at once: whitening holds no (B, T) float64 copy
+_WHITEN_BLOCK = 1 << 20
+
+
 @backend.register("whiten", "torch")
 def _masked_whiten_torch(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     count = mask.sum()
@@ -45,11 +49,17 @@ def _masked_whiten_torch(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
         return values
     if int(count) < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
-    x = values.double()
-    mean = torch.where(mask, x, 0.0).sum() / count
-    centered = x - mean
-    var = torch.where(mask, centered.square(), 0.0).sum() / (count - 1)
-    return (centered * torch.rsqrt(var + 1e-8)).to(values.dtype)
+    # blocks of rows: per-block float64 sums (mean, then centred squares), then one elementwise pass into the output
+    rows = max(1, _WHITEN_BLOCK // max(values.shape[1], 1))
+    blocks = [slice(i, i + rows) for i in range(0, values.shape[0], rows)]
+    total = sum(torch.where(mask[b], values[b].double(), 0.0).sum() for b in blocks)
+    mean = total / count
+    squares = sum(torch.where(mask[b], (values[b].double() - mean).square_(), 0.0).sum() for b in blocks)
+    scale = torch.rsqrt(squares / (count - 1) + 1e-8)
+    out = torch.empty_like(values)
+    for b in blocks:
+        out[b] = (values[b].double() - mean).mul_(scale)
+    return out
 
 
 def next_token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

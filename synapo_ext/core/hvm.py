@@ -134,6 +134,10 @@ def hvm_advantages(
     return HVMResult(advantages, local_returns, global_returns, start_mask)
 
 
+# the segment-level broadcast runs on at most this many tokens at once
+_BROADCAST_BLOCK = 1 << 20
+
+
 @backend.register("hvm", "torch")
 def _hvm_torch(
     rewards: torch.Tensor,
@@ -147,7 +151,8 @@ def _hvm_torch(
     global_weight: float,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening."""
+    """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening. Temporaries are dropped
+    (`del`) as soon as they are used up and products formed in place: the peak holds a few (B, T) tensors."""
     layout = Compactor(mask)
     valid = layout.mask
     r = torch.where(valid, layout.compact(rewards.to(dtype)), 0.0)
@@ -161,24 +166,40 @@ def _hvm_torch(
     bootstrap = torch.where(is_end, next_token_values(v_glob, valid), next_token_values(v_loc, valid))
     # local: deltaL_t = r_t + gamma * bootstrap_t - V_loc[t];  AL_t = deltaL_t + gamma * lambda_t * AL_{t+1}
     local_deltas = torch.where(valid, r + gamma * bootstrap - v_loc, 0.0)
-    local_advantages = reverse_linear_scan(inside * gamma * lam_t, local_deltas)
+    local_advantages = reverse_linear_scan((inside * gamma).mul_(lam_t), local_deltas)
+    del local_deltas
     # local target: LR_t = r_t + gamma * LR_{t+1}, with LR_{e_k} = r_{e_k} + gamma * g_{k+1}
     local_returns = reverse_linear_scan(inside * gamma, r + torch.where(is_end, gamma * bootstrap, 0.0))
+    del bootstrap
 
-    # gamma^n_k at s_k: D_t = gamma * D_{t+1} inside a segment, D_{e_k} = gamma  (so D_t = gamma^(e_k - t + 1))
-    discount = reverse_linear_scan(inside * gamma, is_end.to(dtype) * gamma) if gamma != 1.0 else torch.ones_like(r)
     # global: AG_k = (LR_{s_k} - g_k) + gamma^n_k * global_lam * AG_{k+1}; other tokens carry AG through
     global_deltas = torch.where(is_start, local_returns - v_glob, 0.0)
-    global_decay = torch.where(is_start, discount * global_lam, torch.ones_like(r))
+    if gamma != 1.0:
+        # gamma^n_k at s_k: D_t = gamma * D_{t+1} inside a segment, D_{e_k} = gamma  (so D_t = gamma^(e_k - t + 1))
+        discount = reverse_linear_scan(inside * gamma, is_end.to(dtype) * gamma)
+        global_decay = torch.where(is_start, discount.mul_(global_lam), 1.0)
+        del discount
+    else:  # D = 1
+        global_decay = torch.where(is_start, torch.tensor(global_lam, dtype=dtype, device=r.device), 1.0)
+    del inside
     global_advantages = reverse_linear_scan(global_decay, global_deltas)
+    del global_deltas, global_decay
     # global target: Monte-Carlo return from s_k, G_t = r_t + gamma * G_{t+1}
     mc_returns = reverse_linear_scan(gamma, r)
+    del r
 
-    # broadcast segment-level values from s_k to every token of segment k
-    position = torch.arange(mask.shape[1], device=mask.device).expand_as(is_start)
-    segment_start = torch.where(is_start, position, 0).cummax(dim=1).values
-    advantages = local_advantages + global_weight * global_advantages.gather(1, segment_start)
-    global_returns = mc_returns.gather(1, segment_start)
+    # broadcast segment-level values from s_k to every token of segment k, in blocks of rows (the int64 positions
+    # of the segment starts are 2 (B, T) float32 tensors' worth)
+    advantages, global_returns = torch.empty_like(local_advantages), torch.empty_like(mc_returns)
+    rows = max(1, _BROADCAST_BLOCK // max(mask.shape[1], 1))
+    for i in range(0, mask.shape[0], rows):
+        b = slice(i, i + rows)
+        position = torch.arange(mask.shape[1], device=mask.device).expand_as(is_start[b])
+        segment_start = torch.where(is_start[b], position, 0).cummax(dim=1).values
+        torch.mul(global_advantages[b].gather(1, segment_start), global_weight, out=advantages[b])
+        advantages[b] += local_advantages[b]  # (not add's alpha=, which may fuse the product into an FMA)
+        torch.gather(mc_returns[b], 1, segment_start, out=global_returns[b])
+    del global_advantages, local_advantages, mc_returns
 
     return (
         layout.expand(advantages),

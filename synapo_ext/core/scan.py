@@ -40,8 +40,7 @@ def reverse_linear_scan(a: torch.Tensor | float, b: torch.Tensor, *, chunk: int 
     pad = n_blocks * C - T
     # (C, B, N) layout: step j of the loop touches one contiguous (B, N) slab.
     # Padding past the end has a = b = 0, so x stays 0 there and x_T = 0 holds.
-    a3 = torch.nn.functional.pad(a, (0, pad)).reshape(B, n_blocks, C).permute(2, 0, 1).contiguous()
-    x3 = torch.nn.functional.pad(b, (0, pad)).reshape(B, n_blocks, C).permute(2, 0, 1).contiguous()
+    a3, x3 = (_blocks(t, pad, n_blocks, C) for t in (a, b))
     # In place, block-local (x_{C} = 0):  x[j] = b[j] + a[j] * x[j+1];  a[j] <- P[j] = a[j] * P[j+1]
     for j in range(C - 2, -1, -1):
         x3[j].addcmul_(a3[j], x3[j + 1])
@@ -52,4 +51,15 @@ def reverse_linear_scan(a: torch.Tensor | float, b: torch.Tensor, *, chunk: int 
         carry_in = torch.zeros_like(starts)  # c_{k+1}, the exact value entering block k from the right
         carry_in[:, :-1] = starts[:, 1:]
         x3.addcmul_(a3, carry_in)  # x[j, k] += P[j, k] * c_{k+1}
+    del a3  # the result's copy below then holds x3 and itself only
     return x3.permute(1, 2, 0).reshape(B, n_blocks * C)[:, :T]
+
+
+def _blocks(x: torch.Tensor, pad: int, n_blocks: int, C: int) -> torch.Tensor:
+    """(B, T) -> a fresh (C, B, N) tensor of its blocks, zero-padded past T: one copy (two where T is not a multiple
+    of C). Always a copy, which the scan then overwrites: `.contiguous()` alone would return the caller's own
+    memory where the permuted view happens to be contiguous (one row and one block)."""
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    blocks = torch.empty((C, x.shape[0], n_blocks), dtype=x.dtype, device=x.device)
+    return blocks.copy_(x.reshape(x.shape[0], n_blocks, C).permute(2, 0, 1))

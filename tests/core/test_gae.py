@@ -350,3 +350,21 @@ def test_non_tensor(argument):
     inputs[argument] = inputs[argument].tolist()
     with pytest.raises(TypeError, match=argument):
         compute_gae(**inputs, gamma=1.0, lam=1.0)
+
+
+@pytest.mark.parametrize(("B", "T"), [(1, 1), (1, 64), (1, 256), (1, 16384), (3, 64), (2, 130)])
+def test_reverse_linear_scan_leaves_its_inputs_alone(B, T):
+    """One row of one block (or block starts of one block, one level down) is a permuted view that is already
+    contiguous: the scan must still work on a copy, not on the caller's tensors."""
+    from synapo_ext.core import reverse_linear_scan
+
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    a, b = torch.rand(B, T, generator=gen, dtype=torch.float64), torch.randn(B, T, generator=gen, dtype=torch.float64)
+    a0, b0 = a.clone(), b.clone()
+    x = reverse_linear_scan(a, b)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    expected, running = torch.empty_like(b), torch.zeros(B, dtype=torch.float64)
+    for t in range(T - 1, -1, -1):
+        running = a[:, t] * running + b[:, t]
+        expected[:, t] = running
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
