@@ -2,7 +2,7 @@
 
 A random-initialised Qwen2-0.5B-config policy (or `--tiny`: a toy config, on CPU) is sharded with `fully_shard`
 (world size 1: the FSDP2 code path, fp32 master weights, bf16 compute via `MixedPrecisionPolicy`); the critic is built
-on the meta device, sharded the same way and seeded from the policy's shards (`synapo_ext.trl.distributed`). Each
+on the meta device, sharded the same way and seeded from the policy's shards (`synapo_ext.trl.critic_weights`). Each
 phase runs in its own process for a clean peak: GRPO = policy forward/backward/AdamW step; SynAPO = the same plus a
 critic no-grad forward (rollout values) and a critic forward/backward/AdamW step.
 
@@ -41,9 +41,9 @@ TINY.update(num_attention_heads=4, num_key_value_heads=2, max_position_embedding
 
 
 def _distributed():
-    """`synapo_ext/trl/distributed.py` loaded alone (the package __init__ checks the TRL version; not needed here)."""
+    """`synapo_ext/trl/critic_weights.py` alone (the package __init__ checks the TRL version; not needed here)."""
     spec = importlib.util.spec_from_file_location(
-        "synapo_distributed", os.path.join(ROOT, "synapo_ext/trl/distributed.py")
+        "synapo_critic_weights", os.path.join(ROOT, "synapo_ext/trl/critic_weights.py")
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -8,7 +8,7 @@ import os
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .critic import check_resumable, is_sharded_checkpoint, load_critic_state, save_critic_state
-from .distributed import SHARDED_DIR, full_critic_state_dict, load_critic_sharded, save_critic_sharded
+from .critic_weights import SHARDED_DIR, full_critic_state_dict, load_critic_sharded, save_critic_sharded
 
 __all__ = ["CheckpointMixin"]
 

@@ -139,7 +139,7 @@ def save_critic_state(
     `state_dict`, when given, is what is written, e.g. the full weights gathered from a sharded critic), then, if
     given, the optimizer's and scheduler's `state_dict()`s and the trainer's counters (`state`), and last a manifest
     of every file and its size. A sharded critic's weights and optimizer live in `output_dir/<sharded_dir>/`, written
-    before by every rank (`distributed.save_critic_sharded`): its files and sizes go into the manifest too, so the
+    before by every rank (`critic_weights.save_critic_sharded`): its files and sizes go into the manifest too, so the
     check on resume covers them. The folder is then renamed to `critic/` (atomic on one file system), so a kill at
     any point leaves either the previous `critic/` or the new one, never a mix.
     """

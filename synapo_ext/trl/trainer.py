@@ -21,14 +21,8 @@ from ._spelling import RENAMED_TRAINER_KEYWORDS, one_of, unknown_keyword_message
 from .checkpoint import CheckpointMixin
 from .config import SynAPOConfig
 from .critic import build_critic
-from .distributed import (
-    PreparedCritic,
-    critic_backend,
-    init_critic_meta,
-    init_critic_zero3,
-    prepare_critic,
-    zero_stage,
-)
+from .critic_weights import init_critic_meta, init_critic_zero3
+from .distributed import PreparedCritic, critic_backend, prepare_critic, zero_stage
 from .stage import LM_WEIGHT, SynAPOStageMixin
 from .warmup import ValueWarmupMixin
 

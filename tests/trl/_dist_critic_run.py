@@ -22,16 +22,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoModelForTokenClassification  # noqa: E402
 
 from synapo_ext.trl.critic import build_critic  # noqa: E402
-from synapo_ext.trl.distributed import (  # noqa: E402
-    PreparedCritic,
-    critic_step,
+from synapo_ext.trl.critic_weights import (  # noqa: E402
     export_critic,
     init_critic_meta,
     load_critic_sharded,
     local_numel,
-    prepare_critic,
     save_critic_sharded,
 )
+from synapo_ext.trl.distributed import PreparedCritic, critic_step, prepare_critic  # noqa: E402
 from tests.trl.tiny import make_policy, make_tokenizer  # noqa: E402
 
 B, L, STEPS, MORE, LR, CLIP = 4, 10, 3, 2, 1e-2, 1.0

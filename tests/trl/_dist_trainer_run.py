@@ -33,7 +33,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 from synapo_ext.trl import SynAPOConfig, SynAPOTrainer  # noqa: E402
-from synapo_ext.trl.distributed import local_numel  # noqa: E402
+from synapo_ext.trl.critic_weights import local_numel  # noqa: E402
 from tests.trl.tiny import first_char_reward, make_dataset, make_policy, make_tokenizer  # noqa: E402
 
 STEPS, SAVE_AT, GROUP, ROWS = 3, 2, 4, 8  # ROWS: the global rollout batch (2 groups)

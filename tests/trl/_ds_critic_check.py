@@ -22,7 +22,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-# synapo_ext.trl's __init__ imports TRL: load its critic and distributed modules without it
+# synapo_ext.trl's __init__ imports TRL: load its critic, critic_weights and distributed modules without it
 _package = types.ModuleType("synapo_ext.trl")
 _package.__path__ = [os.path.join(ROOT, "synapo_ext", "trl")]
 sys.modules["synapo_ext.trl"] = _package
@@ -34,6 +34,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType  # noqa: E402
 from transformers import AutoModelForTokenClassification, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from synapo_ext.trl import critic as C  # noqa: E402
+from synapo_ext.trl import critic_weights as W  # noqa: E402
 from synapo_ext.trl import distributed as D  # noqa: E402
 
 
@@ -87,14 +88,14 @@ def main(stage: int, out: str) -> None:
         model=policy, optimizer=torch.optim.AdamW(policy.parameters(), lr=1e-2), config=config
     )
     if stage == 3:
-        critic = D.init_critic_zero3(accelerator, policy.config, num_heads=2, micro_batch_size=2, max_grad_norm=1.0)
+        critic = W.init_critic_zero3(accelerator, policy.config, num_heads=2, micro_batch_size=2, max_grad_norm=1.0)
     else:
-        critic = AutoModelForTokenClassification.from_config(D.critic_config(policy.config, num_heads=2))
+        critic = AutoModelForTokenClassification.from_config(W.critic_config(policy.config, num_heads=2))
     prepared = D.prepare_critic(
         accelerator, critic, learning_rate=1e-2, policy=engine, micro_batch_size=2, max_grad_norm=1.0, eps=1e-3
     )
-    result["held_total"] = D.local_numel(prepared.unwrapped)
-    start, want = D.full_critic_state_dict(prepared), reference.state_dict()
+    result["held_total"] = W.local_numel(prepared.unwrapped)
+    start, want = W.full_critic_state_dict(prepared), reference.state_dict()
     if rank == 0:
         result["init_max_diff"] = max(float((start[k].float() - want[k].float()).abs().max()) for k in want)
     scheduler = torch.optim.lr_scheduler.LambdaLR(prepared.base_optimizer, lambda step: 0.5)
@@ -109,20 +110,20 @@ def main(stage: int, out: str) -> None:
 
     steps(2)
     checkpoint = os.path.join(out, f"checkpoint-{stage}")
-    D.save_critic_sharded(accelerator, prepared, checkpoint)
-    state_dict = D.full_critic_state_dict(prepared)
+    W.save_critic_sharded(accelerator, prepared, checkpoint)
+    state_dict = W.full_critic_state_dict(prepared)
     if rank == 0:
         counters = {"critic_updates": 2, "warmup_done": 0}
         C.save_critic_state(
-            checkpoint, prepared.unwrapped, None, scheduler, counters, state_dict=state_dict, sharded_dir=D.SHARDED_DIR
+            checkpoint, prepared.unwrapped, None, scheduler, counters, state_dict=state_dict, sharded_dir=W.SHARDED_DIR
         )
     accelerator.wait_for_everyone()
     C.check_critic_state(checkpoint)
-    saved = {k: v.clone() for k, v in D.full_critic_state_dict(prepared).items()}
+    saved = {k: v.clone() for k, v in W.full_critic_state_dict(prepared).items()}
     steps(2)
-    D.load_critic_sharded(accelerator, prepared, checkpoint)
+    W.load_critic_sharded(accelerator, prepared, checkpoint)
     result["counters"] = C.load_critic_state(checkpoint, None, None, scheduler)
-    after = D.full_critic_state_dict(prepared)
+    after = W.full_critic_state_dict(prepared)
     if rank == 0:
         result["reload_equal"] = all(torch.equal(after[k], saved[k]) for k in saved)
     result["sharded_checkpoint"] = C.is_sharded_checkpoint(checkpoint)

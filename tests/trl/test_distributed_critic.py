@@ -1,4 +1,5 @@
-"""The critic under accelerate on two CPU ranks (gloo): DDP and FSDP2 (`synapo_ext.trl.distributed`).
+"""The critic under accelerate on two CPU ranks (gloo): DDP and FSDP2 (`synapo_ext.trl.distributed`,
+`synapo_ext.trl.critic_weights`).
 
 Each run (about 25 s) prepares a tiny policy, a critic from the meta device seeded by the policy's shards, takes a
 few steps on fixed data (each rank its half), and compares with a 1-process run on the whole batch; then it saves
