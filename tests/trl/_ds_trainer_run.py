@@ -35,11 +35,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from synapo_ext.trl import SynAPOConfig, SynAPOTrainer  # noqa: E402
-
-try:  # the module split of distributed.py (critic_weights: building, seeding, sharded checkpoints)
-    from synapo_ext.trl.critic_weights import local_numel
-except ImportError:  # pragma: no cover - before the split
-    from synapo_ext.trl.distributed import local_numel
+from synapo_ext.trl.critic_weights import local_numel  # noqa: E402
 from tests.trl._dist_trainer_run import GROUP, ROWS, SAVE_AT, STEPS, digest, rollout, untied_policy  # noqa: E402
 from tests.trl.tiny import first_char_reward, make_dataset, make_tokenizer  # noqa: E402
 
