@@ -201,20 +201,21 @@ def critic_step(prepared: PreparedCritic, loss: torch.Tensor, *, max_grad_norm: 
     """
     if prepared.backend == "deepspeed":
         prepared.engine.backward(loss)
-        prepared.engine.step()  # clips with the config's `gradient_clipping`
+        prepared.engine.step()  # clips with the config's `gradient_clipping`; never steps our scheduler
         norm = prepared.engine.get_global_grad_norm()
-        return None if norm is None else torch.as_tensor(float(norm))
-    loss.backward()
-    if prepared.backend == "single":  # no wrapper: a process group outside accelerate's setup is averaged by hand
-        average_gradients([p for p in prepared.model.parameters() if p.requires_grad])
-    norm = None
-    if max_grad_norm:
-        params = [p for p in prepared.unwrapped.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # DTensor-aware: the global norm
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    prepared.optimizer.step()
-    prepared.optimizer.zero_grad(set_to_none=True)
-    if prepared.scheduler is not None:
+        norm = None if norm is None else torch.as_tensor(float(norm))
+    else:
+        loss.backward()
+        if prepared.backend == "single":  # no wrapper: a process group outside accelerate's setup is averaged by hand
+            average_gradients([p for p in prepared.model.parameters() if p.requires_grad])
+        norm = None
+        if max_grad_norm:
+            params = [p for p in prepared.unwrapped.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # DTensor-aware: the global norm
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        prepared.optimizer.step()
+        prepared.optimizer.zero_grad(set_to_none=True)
+    if prepared.scheduler is not None:  # every backend (the DeepSpeed engine only steps a scheduler it was given)
         prepared.scheduler.step()
     return norm
 

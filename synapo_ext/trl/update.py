@@ -144,9 +144,9 @@ def update_critic(
     to call, the DDP / FSDP2 module or the DeepSpeed engine). Every rank takes the same number of steps (the
     wrappers' forward and backward are collective).
     """
-    # the scheduler is stepped here, after each `critic_step`, on every backend (critic_step's DeepSpeed branch
-    # steps the engine, never `prepared.scheduler`: the critic's LR stayed at its first value under DeepSpeed)
-    prepared = PreparedCritic(critic, optimizer, backend, engine=critic if backend == "deepspeed" else None)
+    prepared = PreparedCritic(
+        critic, optimizer, backend, scheduler=scheduler, engine=critic if backend == "deepspeed" else None
+    )
     B = batch.response_mask.size(0)
     mini_batch_size = min(mini_batch_size, B)
     n_minibatches = math.ceil(B / mini_batch_size)
@@ -158,9 +158,7 @@ def update_critic(
             rows = order[k * mini_batch_size : (k + 1) * mini_batch_size]
             with autocast() if autocast is not None else torch.enable_grad():
                 loss, metrics = _minibatch_loss(critic, batch, rows, params, cliprange_value, n_minibatches)
-            norm = critic_step(prepared, loss, max_grad_norm=max_grad_norm)
-            if scheduler is not None:
-                scheduler.step()
+            norm = critic_step(prepared, loss, max_grad_norm=max_grad_norm)  # steps `scheduler` too
             if norm is not None:
                 metrics[METRICS.grad_norm] = norm
             for name, value in metrics.items():
