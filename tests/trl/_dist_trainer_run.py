@@ -77,9 +77,9 @@ def untied_policy(tok):
     return policy
 
 
-def make_trainer(mode: str, out: str, world: int, resume: bool = False) -> SynAPOTrainer:
-    tok = make_tokenizer()
-    args = SynAPOConfig(
+def trainer_args(out: str, world: int, **extra) -> SynAPOConfig:
+    """The run's settings (shared with _ds_trainer_run.py); `extra`: more `SynAPOConfig` fields."""
+    return SynAPOConfig(
         output_dir=os.path.join(out, "run"),
         preset="synapo",
         use_cpu=True,
@@ -101,8 +101,13 @@ def make_trainer(mode: str, out: str, world: int, resume: bool = False) -> SynAP
         value_warmup_steps=1,
         whiten_advantages=False,  # the core whitens over each process's rows (see test_trl_scale.py)
         seed=0,
+        **extra,
     )
-    cls = ForcedFSDP2Trainer if mode == "fsdp2" else SynAPOTrainer
+
+
+def build_trainer(cls: type[SynAPOTrainer], args: SynAPOConfig) -> SynAPOTrainer:
+    """`cls` on the run's policy, reward, data and fixed rollouts."""
+    tok = make_tokenizer()
     return cls(
         model=untied_policy(tok),
         reward_funcs=[first_char_reward],
@@ -111,6 +116,10 @@ def make_trainer(mode: str, out: str, world: int, resume: bool = False) -> SynAP
         processing_class=tok,
         rollout_func=rollout,
     )
+
+
+def make_trainer(mode: str, out: str, world: int, resume: bool = False) -> SynAPOTrainer:
+    return build_trainer(ForcedFSDP2Trainer if mode == "fsdp2" else SynAPOTrainer, trainer_args(out, world))
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

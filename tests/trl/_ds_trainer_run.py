@@ -34,10 +34,9 @@ from accelerate.state import PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from synapo_ext.trl import SynAPOConfig, SynAPOTrainer  # noqa: E402
+from synapo_ext.trl import SynAPOTrainer  # noqa: E402
 from synapo_ext.trl.critic_weights import local_numel  # noqa: E402
-from tests.trl._dist_trainer_run import GROUP, ROWS, SAVE_AT, STEPS, digest, rollout, untied_policy  # noqa: E402
-from tests.trl.tiny import first_char_reward, make_dataset, make_tokenizer  # noqa: E402
+from tests.trl._dist_trainer_run import SAVE_AT, build_trainer, digest, trainer_args  # noqa: E402
 
 
 def ds_config(stage: int) -> dict:
@@ -73,37 +72,7 @@ class ForcedDeepSpeedTrainer(SynAPOTrainer):
 
 
 def make_trainer(stage: int, out: str, world: int) -> SynAPOTrainer:
-    tok = make_tokenizer()
-    args = SynAPOConfig(
-        output_dir=os.path.join(out, "run"),
-        preset="synapo",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=SAVE_AT,
-        disable_tqdm=True,
-        num_generations=GROUP,
-        per_device_train_batch_size=ROWS // world,
-        max_completion_length=8,
-        max_steps=STEPS,
-        logging_steps=1,
-        learning_rate=1e-2,
-        critic_learning_rate=1e-2,
-        adam_epsilon=1e-3,  # as _dist_trainer_run.py: float noise does not flip Adam's steps
-        bf16=False,
-        value_warmup_steps=1,
-        whiten_advantages=False,
-        seed=0,
-        deepspeed=ds_config(stage),
-    )
-    return ForcedDeepSpeedTrainer(
-        model=untied_policy(tok),
-        reward_funcs=[first_char_reward],
-        args=args,
-        train_dataset=make_dataset(),
-        processing_class=tok,
-        rollout_func=rollout,
-    )
+    return build_trainer(ForcedDeepSpeedTrainer, trainer_args(out, world, deepspeed=ds_config(stage)))
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
