@@ -181,8 +181,9 @@ def numba_gae(
 
 
 @register("whiten", "numba")
-def numba_whiten(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x - mean) * rsqrt(var + 1e-8) over valid tokens, float64 sums (two passes: mean, then centred squares)."""
+def numba_whiten(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + 1e-8) over valid tokens, float64 sums (two passes: mean, then centred squares);
+    into `x` itself with `inplace`."""
     sums = torch.empty(x.shape[0], 2, dtype=torch.float64)
     counts = torch.empty(x.shape[0], dtype=torch.int64)
     k.masked_row_sums(as_numpy(x), as_numpy(mask), 0.0, as_numpy(sums), as_numpy(counts))
@@ -194,7 +195,7 @@ def numba_whiten(k: SimpleNamespace, x: torch.Tensor, mask: torch.Tensor) -> tor
     mean = float(sums[:, 0].sum()) / count
     k.masked_row_sums(as_numpy(x), as_numpy(mask), mean, as_numpy(sums), as_numpy(counts))
     var = float(sums[:, 1].sum()) / (count - 1)
-    return (x - mean).mul_((var + 1e-8) ** -0.5)
+    return (x.sub_(mean) if inplace else x - mean).mul_((var + 1e-8) ** -0.5)
 
 
 @register("ea_gae_lambda", "numba")
@@ -211,8 +212,10 @@ def numba_ea_gae_lambda(
 
 
 @register("segment_ids", "numba")
-def numba_segment_ids(k: SimpleNamespace, ids, mask, table, min_len, max_len, fallback_len) -> torch.Tensor:
-    out = torch.empty(ids.shape, dtype=torch.long)
+def numba_segment_ids(
+    k: SimpleNamespace, ids, mask, table, min_len, max_len, fallback_len, dtype=torch.int64
+) -> torch.Tensor:
+    out = torch.empty(ids.shape, dtype=dtype)
     k.segment_rows(
         as_numpy(ids.long()), as_numpy(mask), as_numpy(table), min_len, max_len or 0, fallback_len or 0, as_numpy(out)
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from . import backend
+from ._blocks import row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
 from .scan import reverse_linear_scan
 
-__all__ = ["check_gae_args", "check_lambda", "compute_gae", "masked_whiten", "next_token_values"]
+__all__ = ["check_gae_args", "check_lambda", "compute_gae", "masked_whiten", "next_token_values", "whiten_in_place"]
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,26 +39,26 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return backend.implementation("whiten", values)(values, mask)
 
 
-# float64 temporaries of at most this many elements (8 MiB) at once: whitening holds no (B, T) float64 copy
-_WHITEN_BLOCK = 1 << 20
+def whiten_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_whiten` into `values` itself (no second (B, T) tensor): for advantages the caller has just made."""
+    return backend.implementation("whiten", values)(values, mask, inplace=True)
 
 
 @backend.register("whiten", "torch")
-def _masked_whiten_torch(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    count = mask.sum()
+def _masked_whiten_torch(values: torch.Tensor, mask: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    count = mask.count_nonzero()  # (a bool `sum` makes an int64 copy of the mask first)
     if int(count) == 0:
         return values
     if int(count) < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
     # blocks of rows: per-block float64 sums (mean, then centred squares), then one elementwise pass into the output
-    rows = max(1, _WHITEN_BLOCK // max(values.shape[1], 1))
-    blocks = [slice(i, i + rows) for i in range(0, values.shape[0], rows)]
+    blocks = row_blocks(values.shape, values.device)
     total = sum(torch.where(mask[b], values[b].double(), 0.0).sum() for b in blocks)
     mean = total / count
     squares = sum(torch.where(mask[b], (values[b].double() - mean).square_(), 0.0).sum() for b in blocks)
     scale = torch.rsqrt(squares / (count - 1) + 1e-8)
-    out = torch.empty_like(values)
-    for b in blocks:
+    out = values if inplace else torch.empty_like(values)
+    for b in blocks:  # (each block is read before it is written)
         out[b] = (values[b].double() - mean).mul_(scale)
     return out
 
@@ -136,7 +137,7 @@ def compute_gae(
     gae = backend.implementation("gae", rewards, values)
     advantages, returns = gae(rewards, values, mask, lam, gamma, dtype)
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = whiten_in_place(advantages, mask)
     return advantages, returns
 
 
@@ -149,7 +150,23 @@ def _gae_torch(
     gamma: float,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`compute_gae` on validated inputs (bool `mask`) in `dtype`: compact the rows, one scan, expand."""
+    """`compute_gae` on validated inputs (bool `mask`) in `dtype`, on blocks of rows (see `_gae_rows`)."""
+    advantages, returns = (torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(2))
+    for b in row_blocks(mask.shape, mask.device):
+        lam_b = lam[b] if isinstance(lam, torch.Tensor) else lam
+        advantages[b], returns[b] = _gae_rows(rewards[b], values[b], mask[b], lam_b, gamma, dtype)
+    return advantages, returns
+
+
+def _gae_rows(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    lam: float | torch.Tensor,
+    gamma: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE on some rows: compact them, one scan, expand."""
     layout = Compactor(mask)
     r = layout.compact(rewards.to(dtype))
     v = layout.compact(values.to(dtype))

@@ -19,9 +19,10 @@ from typing import NamedTuple
 import torch
 
 from . import backend
+from ._blocks import row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
-from .gae import check_lambda, masked_whiten, next_token_values
+from .gae import check_lambda, next_token_values, whiten_in_place
 from .scan import reverse_linear_scan
 
 __all__ = ["HVMResult", "check_hvm_args", "hvm_advantages", "segment_bounds"]
@@ -130,12 +131,8 @@ def hvm_advantages(
         rewards, local_values, global_values, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype
     )
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = whiten_in_place(advantages, mask)
     return HVMResult(advantages, local_returns, global_returns, start_mask)
-
-
-# the segment-level broadcast runs on at most this many tokens at once
-_BROADCAST_BLOCK = 1 << 20
 
 
 @backend.register("hvm", "torch")
@@ -151,8 +148,34 @@ def _hvm_torch(
     global_weight: float,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening. Temporaries are dropped
-    (`del`) as soon as they are used up and products formed in place: the peak holds a few (B, T) tensors."""
+    """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening, on blocks of rows (see
+    `_hvm_rows`): the temporaries are block-sized, only the four outputs are (B, T)."""
+    advantages, local_returns, global_returns = (
+        torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(3)
+    )
+    start_mask = torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+    for b in row_blocks(mask.shape, mask.device):
+        lam_b = lam[b] if isinstance(lam, torch.Tensor) else lam
+        args = (rewards[b], local_values[b], global_values[b], mask[b], seg_ids[b], lam_b)
+        advantages[b], local_returns[b], global_returns[b], start_mask[b] = _hvm_rows(
+            *args, gamma, global_lam, global_weight, dtype
+        )
+    return advantages, local_returns, global_returns, start_mask
+
+
+def _hvm_rows(
+    rewards: torch.Tensor,
+    local_values: torch.Tensor,
+    global_values: torch.Tensor,
+    mask: torch.Tensor,
+    seg_ids: torch.Tensor,
+    lam: float | torch.Tensor,
+    gamma: float,
+    global_lam: float,
+    global_weight: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HVM on some rows, in the module docstring's formulas: five reverse scans over the compacted rows."""
     layout = Compactor(mask)
     valid = layout.mask
     r = torch.where(valid, layout.compact(rewards.to(dtype)), 0.0)
@@ -166,40 +189,25 @@ def _hvm_torch(
     bootstrap = torch.where(is_end, next_token_values(v_glob, valid), next_token_values(v_loc, valid))
     # local: deltaL_t = r_t + gamma * bootstrap_t - V_loc[t];  AL_t = deltaL_t + gamma * lambda_t * AL_{t+1}
     local_deltas = torch.where(valid, r + gamma * bootstrap - v_loc, 0.0)
-    local_advantages = reverse_linear_scan((inside * gamma).mul_(lam_t), local_deltas)
-    del local_deltas
+    local_advantages = reverse_linear_scan(inside * gamma * lam_t, local_deltas)
     # local target: LR_t = r_t + gamma * LR_{t+1}, with LR_{e_k} = r_{e_k} + gamma * g_{k+1}
     local_returns = reverse_linear_scan(inside * gamma, r + torch.where(is_end, gamma * bootstrap, 0.0))
-    del bootstrap
 
     # global: AG_k = (LR_{s_k} - g_k) + gamma^n_k * global_lam * AG_{k+1}; other tokens carry AG through
     global_deltas = torch.where(is_start, local_returns - v_glob, 0.0)
-    if gamma != 1.0:
-        # gamma^n_k at s_k: D_t = gamma * D_{t+1} inside a segment, D_{e_k} = gamma  (so D_t = gamma^(e_k - t + 1))
-        discount = reverse_linear_scan(inside * gamma, is_end.to(dtype) * gamma)
-        global_decay = torch.where(is_start, discount.mul_(global_lam), 1.0)
-        del discount
-    else:  # D = 1
-        global_decay = torch.where(is_start, torch.tensor(global_lam, dtype=dtype, device=r.device), 1.0)
-    del inside
+    # gamma^n_k at s_k: D_t = gamma * D_{t+1} inside a segment, D_{e_k} = gamma  (so D_t = gamma^(e_k - t + 1))
+    discount = reverse_linear_scan(inside * gamma, is_end.to(dtype) * gamma) if gamma != 1.0 else 1.0
+    global_decay = torch.where(is_start, discount * global_lam, torch.ones((), dtype=dtype, device=r.device))
     global_advantages = reverse_linear_scan(global_decay, global_deltas)
-    del global_deltas, global_decay
     # global target: Monte-Carlo return from s_k, G_t = r_t + gamma * G_{t+1}
     mc_returns = reverse_linear_scan(gamma, r)
-    del r
 
-    # broadcast segment-level values from s_k to every token of segment k, in blocks of rows (the int64 positions
-    # of the segment starts are 2 (B, T) float32 tensors' worth)
-    advantages, global_returns = torch.empty_like(local_advantages), torch.empty_like(mc_returns)
-    rows = max(1, _BROADCAST_BLOCK // max(mask.shape[1], 1))
-    for i in range(0, mask.shape[0], rows):
-        b = slice(i, i + rows)
-        position = torch.arange(mask.shape[1], device=mask.device).expand_as(is_start[b])
-        segment_start = torch.where(is_start[b], position, 0).cummax(dim=1).values
-        torch.mul(global_advantages[b].gather(1, segment_start), global_weight, out=advantages[b])
-        advantages[b] += local_advantages[b]  # (not add's alpha=, which may fuse the product into an FMA)
-        torch.gather(mc_returns[b], 1, segment_start, out=global_returns[b])
-    del global_advantages, local_advantages, mc_returns
+    # A_t = AL_t + global_weight * AG_{k(t)}: segment-level values read at s_k for every token of segment k
+    position = torch.arange(mask.shape[1], device=mask.device).expand_as(is_start)
+    segment_start = torch.where(is_start, position, 0).cummax(dim=1).values
+    advantages = global_advantages.gather(1, segment_start).mul_(global_weight)
+    advantages += local_advantages  # (not add's alpha=, which may fuse the product into an FMA)
+    global_returns = mc_returns.gather(1, segment_start)
 
     return (
         layout.expand(advantages),

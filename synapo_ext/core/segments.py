@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import backend
+from ._blocks import row_blocks
 from ._checks import check_ids, check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
 
@@ -69,6 +70,7 @@ def segment_ids(
     min_len: int = 1,
     max_len: int | None = None,
     fallback_len: int | None = None,
+    dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """Segment index of every token.
 
@@ -79,9 +81,11 @@ def segment_ids(
         min_len: minimum segment length in valid tokens (>= 1).
         max_len: maximum segment length in valid tokens (>= 1), or None.
         fallback_len: chunk length for rows with no delimiter (>= 1), or None (one segment).
+        dtype: torch.int64 (default) or torch.int32 (half the bytes).
 
     Returns:
-        seg_ids: int64 (B, T), 0..K_b-1 and nondecreasing over row b's valid tokens (masked tokens: a neighbour's).
+        seg_ids: `dtype` (B, T), 0..K_b-1 and nondecreasing over row b's valid tokens (masked tokens: a
+        neighbour's).
 
     Raises:
         TypeError, ValueError: naming the argument.
@@ -90,11 +94,12 @@ def segment_ids(
     response_ids, boundary_table = check_segment_args(
         response_ids, mask, boundary_table, min_len=min_len, max_len=max_len, fallback_len=fallback_len
     )
+    if dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"`dtype` must be torch.int32 or torch.int64, got {dtype}")
     if response_ids.numel() == 0:  # B = 0 (a row with no token was refused by check_mask)
-        return torch.zeros(response_ids.shape, dtype=torch.long, device=response_ids.device)
-    response_ids = response_ids.long()  # int64: uint8/int8/int16 cannot index a table in torch
+        return torch.zeros(response_ids.shape, dtype=dtype, device=response_ids.device)
     segment = backend.implementation("segment_ids", response_ids, mask)
-    return segment(response_ids, mask, boundary_table, min_len, max_len, fallback_len)
+    return segment(response_ids, mask, boundary_table, min_len, max_len, fallback_len, dtype)
 
 
 def check_segment_args(
@@ -138,15 +143,33 @@ def _segment_ids_torch(
     min_len: int,
     max_len: int | None,
     fallback_len: int | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """`segment_ids` on validated inputs (int64 ids, bool `mask`)."""
+    """`segment_ids` on validated inputs (bool `mask`), on blocks of rows (see `_segment_rows`)."""
+    seg = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+    table = boundary_table.to(mask.device)
+    for b in row_blocks(mask.shape, mask.device):
+        seg[b] = _segment_rows(response_ids[b], mask[b], table, min_len, max_len, fallback_len)
+    return seg
+
+
+def _segment_rows(
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    boundary_table: torch.Tensor,
+    min_len: int,
+    max_len: int | None,
+    fallback_len: int | None,
+) -> torch.Tensor:
+    """Segment ids of some rows, int64."""
     layout = Compactor(mask)
     valid = layout.mask
-    ids = layout.compact(response_ids).clamp(0, boundary_table.numel() - 1)
+    # int64 ids (uint8/int8/int16 cannot index a table); ids past a row's end may be anything
+    ids = layout.compact(response_ids).long().clamp(0, boundary_table.numel() - 1)
     position = torch.arange(mask.shape[1], device=mask.device).expand_as(ids)
     last = position == (layout.lengths - 1)[:, None]
 
-    ends = valid & boundary_table.to(ids.device)[ids]
+    ends = valid & boundary_table[ids]
     if fallback_len is not None:
         no_delimiter = ~ends.any(dim=1, keepdim=True)
         ends |= no_delimiter & valid & ((position + 1) % fallback_len == 0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _fused, backend  # noqa: F401 (_fused registers the fused numba `stage` and `stage_mask`)
+from ._blocks import row_counts
 from ._checks import check_ids, check_mask, check_mask_type, check_same_shape, float_dtype
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
@@ -312,6 +313,7 @@ def _stage_torch(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
             min_len=params.hvm_min_len,
             max_len=params.hvm_max_len,
             fallback_len=params.hvm_fallback_len,
+            dtype=torch.int64 if return_seg_ids else torch.int32,  # int32 when only HVM reads them
         )
         hvm = hvm_advantages(
             rewards,
@@ -326,7 +328,7 @@ def _stage_torch(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
             whiten=params.whiten_advantages,
         )
         if has_tokens:
-            metrics[METRICS.segments_mean] = float(hvm.start_mask.sum(dim=1).double().mean())
+            metrics[METRICS.segments_mean] = float(row_counts(hvm.start_mask).double().mean())
         seg_out = seg if return_seg_ids else None
         return SynAPOAdvantages(
             hvm.advantages, hvm.local_returns, lam_out, hvm.global_returns, hvm.start_mask, seg_out, metrics=metrics

@@ -159,3 +159,34 @@ print("ok", before)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_torch_row_blocks_do_not_change_results(seed, monkeypatch):
+    """The pure-torch path runs on blocks of rows (bounded temporaries): blocks of one or two rows give bitwise the
+    results of one block for the whole batch."""
+    from synapo_ext.core import _blocks, masked_whiten
+
+    c = _case(seed + 100)
+    c["mask"][0, :] = True  # every case has 2 valid tokens or more for the whitening
+    with use_backend("torch"):
+        whole = _run(c), masked_whiten(c["values"], c["mask"])
+        T = c["mask"].shape[1]
+        monkeypatch.setattr(_blocks, "CPU_BLOCK_TOKENS", T * (1 + seed % 2))  # one or two rows a block
+        assert len(_blocks.row_blocks(c["mask"].shape, "cpu")) == -(-c["mask"].shape[0] // (1 + seed % 2))
+        blocked = _run(c), masked_whiten(c["values"], c["mask"])
+    flat = [torch.utils._pytree.tree_leaves(x) for x in (whole, blocked)]
+    assert len(flat[0]) == len(flat[1]) > 10
+    for a, b in zip(*flat, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_segment_ids_dtype():
+    c = _case(3)
+    for backend in ("torch", "numba") if numba_available() else ("torch",):
+        with use_backend(backend):
+            seg64 = segment_ids(c["ids"], c["mask"], c["table"], **c["segments"])
+            seg32 = segment_ids(c["ids"], c["mask"], c["table"], **c["segments"], dtype=torch.int32)
+        assert seg64.dtype == torch.int64 and seg32.dtype == torch.int32 and torch.equal(seg32.long(), seg64)
+    with pytest.raises(ValueError, match="`dtype`"):
+        segment_ids(c["ids"], c["mask"], c["table"], dtype=torch.float32)
