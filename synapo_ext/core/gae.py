@@ -9,6 +9,8 @@ Reference: Schulman et al. 2016, https://arxiv.org/abs/1506.02438 ; verl's `comp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import backend
@@ -20,7 +22,12 @@ from .scan import reverse_linear_scan
 __all__ = ["check_gae_args", "check_lambda", "compute_gae", "masked_whiten", "next_token_values", "whiten_in_place"]
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(x - mean) * rsqrt(var + 1e-8) with the mean and unbiased variance over `mask` (verl's `masked_whiten`).
 
     Computed in float64 and returned in `values`' dtype: float32 sums and squares overflow for large finite inputs
@@ -29,6 +36,10 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Args:
         values: float (B, T).
         mask: bool (B, T).
+        sum_over_processes: with data parallelism, a function that sums a small float64 tensor over the processes
+            (e.g. `lambda t: accelerator.reduce(t, "sum")`): the mean and variance are then those of every
+            process's valid tokens, as one process holding the whole batch would compute them (each process passes
+            its own rows). None: this process's rows only.
 
     Returns:
         float (B, T); an empty batch (no valid token at all, B = 0) comes back unchanged.
@@ -36,6 +47,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: exactly one valid token in the batch (the variance is undefined).
     """
+    if sum_over_processes is not None:
+        return _masked_whiten_torch(values, mask, sum_over_processes=sum_over_processes)
     return backend.implementation("whiten", values)(values, mask)
 
 
@@ -45,17 +58,27 @@ def whiten_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @backend.register("whiten", "torch")
-def _masked_whiten_torch(values: torch.Tensor, mask: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    count = mask.count_nonzero()  # (a bool `sum` makes an int64 copy of the mask first)
+def _masked_whiten_torch(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    inplace: bool = False,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    reduce = sum_over_processes or (lambda t: t)
+    # blocks of rows: per-block float64 sums (count and sum, then centred squares), then one elementwise pass
+    blocks = row_blocks(values.shape, values.device)
+    zero = torch.zeros((), dtype=torch.float64, device=values.device)
+    total = sum((torch.where(mask[b], values[b].double(), 0.0).sum() for b in blocks), zero)
+    # (count_nonzero: a bool `sum` makes an int64 copy of the mask first)
+    count, total = reduce(torch.stack([mask.count_nonzero().double(), total]))
     if int(count) == 0:
         return values
     if int(count) < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
-    # blocks of rows: per-block float64 sums (mean, then centred squares), then one elementwise pass into the output
-    blocks = row_blocks(values.shape, values.device)
-    total = sum(torch.where(mask[b], values[b].double(), 0.0).sum() for b in blocks)
     mean = total / count
-    squares = sum(torch.where(mask[b], (values[b].double() - mean).square_(), 0.0).sum() for b in blocks)
+    squares = reduce(
+        sum((torch.where(mask[b], (values[b].double() - mean).square_(), 0.0).sum() for b in blocks), zero)
+    )
     scale = torch.rsqrt(squares / (count - 1) + 1e-8)
     out = values if inplace else torch.empty_like(values)
     for b in blocks:  # (each block is read before it is written)

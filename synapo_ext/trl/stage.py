@@ -5,14 +5,17 @@ The adapter only translates: a row's score is TRL's weighted sum over reward fun
 token; a row without a score (every reward function gave None/NaN) reaches the core as a row with no valid token, so
 the core skips it as it skips empty rows (zeros, no SCVL pair, no positive-LM weight, no critic target). SCVL's
 pairs are the core's, found over the rows of whole groups: this process's rows, or every process's when a group
-straddles processes (the core then runs on the gathered batch and each process keeps its own rows).
+straddles processes (the core then runs on the gathered batch and each process keeps its own rows). Whitening, when
+on, uses the mean and variance of every process's valid tokens either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..core import METRICS, SCVLSides, compute_synapo_advantages
+from ..core import METRICS, SCVLSides, compute_synapo_advantages, masked_whiten
 from .critic import critic_values
 from .update import CriticBatch, critic_health, update_critic
 
@@ -170,7 +173,17 @@ class SynAPOStageMixin:
         first = rank * B if scope_world > 1 else 0  # this process's first row in the core's batch
         group_ids = ((rank * B if scope_world == 1 else 0) + torch.arange(B * scope_world)) // num_generations
         group_ids = group_ids if params.scvl_enabled else None
-        result = compute_synapo_advantages(params, boundary_table=self.boundary_table, group_ids=group_ids, **per_row)
+        # whitening spans the whole batch, as in one process (and verl's driver): with each process's own rows the
+        # core leaves it out and the advantages are whitened below with the statistics of every process's tokens
+        whiten_across = params.whiten_advantages and world > 1 and scope_world == 1
+        core_params = dataclasses.replace(params, whiten_advantages=False) if whiten_across else params
+        result = compute_synapo_advantages(
+            core_params, boundary_table=self.boundary_table, group_ids=group_ids, **per_row
+        )
+        if whiten_across:
+            result.advantages = masked_whiten(
+                result.advantages, mask.bool(), sum_over_processes=lambda t: accelerator.reduce(t, "sum")
+            )
         if scope_world == 1:
             return result, 1
         mine = slice(first, first + B)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapo_ext.core import compute_gae
+from synapo_ext.core import compute_gae, masked_whiten
 
 from .reference import ref_batch_std, ref_compute_gae
 from .strategies import (
@@ -154,6 +154,45 @@ def test_whiten_hand_case():
     expected = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64) / math.sqrt(1.0 + 1e-8)
     torch.testing.assert_close(advantages[valid], expected)
     torch.testing.assert_close(returns[valid], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_whiten_across_processes_matches_the_whole_batch(split):
+    """Two "processes" (threads), each with its own rows, whiten with the statistics of both: the result is the
+    one-process whitening of the whole batch (rows 0..split-1 on one, the rest on the other; a process may hold
+    only padding rows)."""
+    import threading
+
+    gen = torch.Generator().manual_seed(split)
+    values = torch.randn(6, 9, generator=gen, dtype=torch.float64) * 3 + 1
+    mask = torch.rand(6, 9, generator=gen) > 0.3
+    if split == 5:
+        mask[5] = False  # the second process holds one row, without a valid token
+    expected = masked_whiten(values, mask)
+
+    barrier, deposits, results = threading.Barrier(2), {}, {}
+
+    def process(rank: int, rows: slice) -> None:
+        def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+            deposits[rank] = t.clone()
+            barrier.wait()
+            total = deposits[0] + deposits[1]
+            barrier.wait()  # both have read before the next reduction overwrites a deposit
+            return total
+
+        results[rank] = masked_whiten(values[rows], mask[rows], sum_over_processes=sum_over_processes)
+
+    threads = [threading.Thread(target=process, args=(0, slice(0, split))),
+               threading.Thread(target=process, args=(1, slice(split, 6)))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    actual = torch.cat([results[0], results[1]])
+    torch.testing.assert_close(actual[mask], expected[mask], rtol=0, atol=1e-12)
+    # one process: the identity reduction is the plain whitening
+    alone = masked_whiten(values, mask, sum_over_processes=lambda t: t)
+    torch.testing.assert_close(alone[mask], expected[mask], rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------

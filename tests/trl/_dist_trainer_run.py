@@ -99,7 +99,7 @@ def trainer_args(out: str, world: int, **extra) -> SynAPOConfig:
         adam_epsilon=1e-3,
         bf16=False,  # TRL's default is True: CPU autocast in bf16, whose rounding depends on the batch's split
         value_warmup_steps=1,
-        whiten_advantages=False,  # the core whitens over each process's rows (see test_trl_scale.py)
+        whiten_advantages=True,  # over every process's tokens: SynAPOTrainer sums the statistics across processes
         seed=0,
         **extra,
     )

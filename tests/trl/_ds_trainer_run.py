@@ -4,7 +4,7 @@ part of the test suite: the project's TRL venv has no DeepSpeed; run it in the D
     /tmp/venvs/ds/bin/python tests/trl/_dist_trainer_run.py single OUT              # the 1-process reference
     /tmp/venvs/ds/bin/torchrun --nproc_per_node 2 tests/trl/_ds_trainer_run.py STAGE OUT    # STAGE 2 or 3
 
-The same run as `_dist_trainer_run.py` (its rollouts, policy and settings: bf16=False, whiten_advantages=False, Adam
+The same run as `_dist_trainer_run.py` (its rollouts, policy and settings: bf16=False, whiten_advantages=True, Adam
 eps 1e-3; a value warm-up batch, STEPS steps, a checkpoint at SAVE_AT, `save_model`, then a fresh trainer resumes from
 the checkpoint), with `SynAPOConfig(deepspeed=<ZeRO config>)`: the policy is prepared by transformers / accelerate's
 DeepSpeed path (HF's `deepspeed_init`, its engine) and the critic by `prepare_critic` (an engine of its own).
