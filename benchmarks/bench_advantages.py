@@ -21,8 +21,8 @@ them alike; medians over rounds; the loop runs at most `loop_budget_s` of rounds
   targets, SCVL pairs with their partner values, positive-LM weights, metrics) for backend `auto` (what the default
   install runs: numba), `numba` and `torch` (the pure-torch fallback, also the GPU path); vapo[backend]: the
   `vapo` preset; gae[auto]: `compute_gae` with verl's arguments, checked against the loop.
-Peak memory, per size, in a child process (glibc returns freed blocks to the system at once there,
-MALLOC_MMAP_THRESHOLD_=65536): the process's peak resident memory during one call minus before it (Linux
+Peak memory, per size and function, in a fresh child process (glibc returns freed blocks to the system at once
+there, MALLOC_MMAP_THRESHOLD_=65536): the process's peak resident memory during one call minus before it (Linux
 /proc/self/clear_refs resets the peak), i.e. the extra bytes over the inputs, next to the bytes of the outputs.
 Writes benchmarks/results/<out_name>.md (tables) and .json (raw timings, versions, arguments).
 """
@@ -315,10 +315,12 @@ def memory_child(size: str, args: Args, skip: list[str]) -> dict:
 
 
 def measure_memory(B: int, T: int, args: Args, previous: dict | None) -> dict:
-    """Run `memory_child` in a child process. A function whose peak, scaled from the previous size, would not fit
-    in half the memory available now is left out (said so in the table): the machine is shared."""
+    """Run `memory_child` once per function, each in a fresh child process. A function whose peak, scaled from the
+    previous size, would not fit in half the memory available now is left out (said so in the table): the machine
+    is shared."""
     input_bytes = B * T * (4 * 4 + 8 + 8)  # 4 float32 tensors, int64 mask and ids
     available = _status_meminfo("MemAvailable") * 1024
+    names = list(functions(make_inputs(args.group_size * 2, 64, args), args, available_backends(args)))
     skip = []
     if previous and "memory" in previous:
         scale = B * T / (previous["B"] * previous["T"])
@@ -327,16 +329,26 @@ def measure_memory(B: int, T: int, args: Args, previous: dict | None) -> dict:
                 skip.append(name)
         skip += [name for name in previous.get("skipped_functions", []) if name not in skip]
     if B * T > 2048 * 16384:  # minutes a call here; the loop's memory is two (B, T) tensors plus its outputs
-        skip += [name for name in ("loop", "verl") if name not in skip]
+        skip += [name for name in ("loop", "verl") if name in names and name not in skip]
     if input_bytes > available / 2:
         return {"B": B, "T": T, "skipped": f"inputs {input_bytes / 2**30:.0f} GiB, {available / 2**30:.0f} GiB free"}
-    cmd = [sys.executable, __file__, "--memory-child", f"{B}x{T}", "--backends", args.backends]
-    cmd += ["--seed", str(args.seed), "--threads", str(args.threads), "--memory-skip", ",".join(skip)]
+    # one fresh child per function: memory a previous call freed but the process kept would hide part of the next
+    # call's peak (measured: the torch stage's 795 MB alone, 510 MB after the other functions in one process)
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"B": B, "T": T, "skipped": f"child failed ({proc.returncode}): {proc.stderr[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    memory = {}
+    for name in names:
+        if name in skip:
+            continue
+        cmd = [sys.executable, __file__, "--memory-child", f"{B}x{T}", "--backends", args.backends]
+        cmd += ["--seed", str(args.seed), "--threads", str(args.threads)]
+        cmd += ["--memory-skip", ",".join(n for n in names if n != name)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"B": B, "T": T, "skipped": f"child for {name} failed ({proc.returncode}): {proc.stderr[-500:]}"}
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        memory |= child["memory"]
+        input_bytes = child["input_bytes"]
+    return {"B": B, "T": T, "input_bytes": input_bytes, "memory": memory, "skipped_functions": skip}
 
 
 def _status_meminfo(field: str) -> int:

@@ -196,7 +196,12 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
     if method.endswith("-oracle") or uses_pretrain(a, method):
         warmup = 0  # Monte-Carlo values need no warm-up; a pre-trained critic had its own
     args = SynAPOConfig(
-        **common, preset=preset, critic_learning_rate=a.critic_learning_rate, value_warmup_steps=warmup, **extra
+        **common,
+        preset=preset,
+        critic_learning_rate=a.critic_learning_rate,
+        critic_epochs=a.critic_epochs,
+        value_warmup_steps=warmup,
+        **extra,
     )
     return SynAPOTrainer(
         model=model,

@@ -54,6 +54,9 @@ class Args:
     """policy learning rate (all methods, constant)"""
     critic_learning_rate: float = 1e-3
     """critic learning rate (all value-based methods; 1e-3, not 3e-4: PPO collapsed at 3e-4 in a 1-seed pilot)"""
+    critic_epochs: int = 1
+    """critic passes over each rollout batch (value-based methods; a diagnostic: does the critic then follow the
+    policy?)"""
     value_warmup_steps: int = 8
     """critic-only rollout batches before the policy moves (VAPO/SynAPO presets; PPO has none); counted as samples"""
     value_pretrain: bool = False
@@ -131,7 +134,7 @@ def task_config(a: Args):
 # fields added after the chain's table: left out of the setup key at their defaults (its finished runs still match)
 NEW_FIELDS = (
     "task", "value_pretrain", "pretrain_max_rollouts", "pretrain_max_steps", "pretrain_target_ev", "oracle_k",
-    "oracle_seeds",
+    "oracle_seeds", "critic_epochs",
 )  # fmt: skip
 
 
