@@ -56,45 +56,46 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` holds {bad} NaN/inf entries; all entries must be finite")
 
 
-def check_mask_type(response_mask: object) -> torch.Tensor:
-    """`check_mask`'s checks that read no values: a 2-D tensor, not complex.
+def check_mask_type(response_mask: object, name: str = "response_mask") -> torch.Tensor:
+    """`check_mask`'s checks that read no values: a 2-D tensor, not complex (errors name the argument `name`).
 
     Raises:
         TypeError: not a tensor, or a complex one.
         ValueError: not 2-D.
     """
-    mask = check_tensor(response_mask, "response_mask", ndim=2)
+    mask = check_tensor(response_mask, name, ndim=2)
     if mask.is_complex():
-        raise TypeError("`response_mask` must be bool, integer or float, got a complex tensor")
+        raise TypeError(f"`{name}` must be bool, integer or float, got a complex tensor")
     return mask
 
 
-def check_mask(response_mask: object, *, allow_empty_rows: bool = False) -> torch.Tensor:
+def check_mask(response_mask: object, *, allow_empty_rows: bool = False, name: str = "response_mask") -> torch.Tensor:
     """Validate a (B, T) 0/1 mask (bool, integer or float) and return it as bool. B = 0 is legal (empty batch).
 
     Args:
         response_mask: the mask.
         allow_empty_rows: accept rows with no valid token (the stage skips and counts them).
+        name: the argument's name in error messages.
 
     Raises:
         TypeError: not a tensor, or a complex one.
         ValueError: not 2-D, a value other than 0 and 1, or (unless allowed) a row with no valid token.
     """
-    mask = check_mask_type(response_mask)
+    mask = check_mask_type(response_mask, name)
     if mask.dtype != torch.bool:
         if mask.numel() > 0:  # aminmax refuses an empty tensor
             low, high = torch.aminmax(mask)
             # in [0, 1], and every nonzero entry is exactly 1 (integers in [0, 1] are)
             fractional = mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any())
             if low < 0 or high > 1 or fractional:
-                raise ValueError("`response_mask` must hold only 0 and 1")
+                raise ValueError(f"`{name}` must hold only 0 and 1")
         mask = mask.bool()  # one pass (`mask != 0` is about twice as slow on int64)
     if not allow_empty_rows:
         empty = ~row_any(mask)
         if bool(empty.any()):
             rows = empty.nonzero().flatten()[:5].tolist()
             raise ValueError(
-                f"`response_mask` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
+                f"`{name}` has {int(empty.sum())} row(s) with no valid token (e.g. rows {rows}); "
                 "every response needs at least one token (`compute_synapo_advantages` skips such rows)"
             )
     return mask

@@ -34,8 +34,8 @@ def masked_whiten(
     (|x| ~ 1e20 squares past float32's 3.4e38).
 
     Args:
-        values: float (B, T).
-        mask: bool (B, T).
+        values: float (B, T), finite.
+        mask: bool/int/float (B, T) of 0 and 1 (rows with no valid token allowed).
         sum_over_processes: with data parallelism, a function that sums a small float64 tensor over the processes
             (e.g. `lambda t: accelerator.reduce(t, "sum")`): the mean and variance are then those of every
             process's valid tokens, as one process holding the whole batch would compute them (each process passes
@@ -45,8 +45,17 @@ def masked_whiten(
         float (B, T); an empty batch (no valid token at all, B = 0) comes back unchanged.
 
     Raises:
-        ValueError: exactly one valid token in the batch (the variance is undefined).
+        TypeError, ValueError: naming the argument (types, shapes, NaN/inf, mask values); exactly one valid token
+            in the batch (the variance is undefined).
     """
+    values = check_tensor(values, "values", ndim=2)
+    if not values.is_floating_point():
+        raise TypeError(f"`values` must be a float tensor, got {values.dtype}")
+    mask = check_mask(mask, allow_empty_rows=True, name="mask")
+    check_same_shape(mask, "mask", values.shape, "values")
+    check_finite(values, "values")
+    if sum_over_processes is not None and not callable(sum_over_processes):
+        raise TypeError(f"`sum_over_processes` must be a function or None, got {type(sum_over_processes).__name__}")
     if sum_over_processes is not None:
         return _masked_whiten_torch(values, mask, sum_over_processes=sum_over_processes)
     return backend.implementation("whiten", values)(values, mask)

@@ -195,6 +195,23 @@ def test_whiten_across_processes_matches_the_whole_batch(split):
     torch.testing.assert_close(alone[mask], expected[mask], rtol=0, atol=1e-12)
 
 
+def test_masked_whiten_errors_name_the_argument():
+    values, mask = torch.randn(2, 3), torch.ones(2, 3)
+    with pytest.raises(TypeError, match="`values`"):
+        masked_whiten(values.long(), mask)
+    with pytest.raises(ValueError, match="`mask`"):
+        masked_whiten(values, mask[:, :2])
+    with pytest.raises(ValueError, match="`values`"):
+        masked_whiten(torch.tensor([[1.0, float("nan"), 0.0]]), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="`mask` must hold only 0 and 1"):
+        masked_whiten(values, mask * 2)
+    with pytest.raises(TypeError, match="`sum_over_processes`"):
+        masked_whiten(values, mask, sum_over_processes=1.0)
+    with pytest.raises(ValueError, match="at least 2 valid tokens"):
+        masked_whiten(values, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+    torch.testing.assert_close(masked_whiten(values, mask.long()), masked_whiten(values, mask.bool()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Exact reductions and dtypes
 # ---------------------------------------------------------------------------------------------------------------
