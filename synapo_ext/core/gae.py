@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from . import backend
-from ._blocks import row_blocks
+from ._blocks import map_row_blocks, row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
 from .scan import reverse_linear_scan
@@ -183,10 +183,8 @@ def _gae_torch(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_gae` on validated inputs (bool `mask`) in `dtype`, on blocks of rows (see `_gae_rows`)."""
-    advantages, returns = (torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(2))
-    for b in row_blocks(mask.shape, mask.device):
-        lam_b = lam[b] if isinstance(lam, torch.Tensor) else lam
-        advantages[b], returns[b] = _gae_rows(rewards[b], values[b], mask[b], lam_b, gamma, dtype)
+    outputs = [torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(2)]
+    advantages, returns = map_row_blocks(_gae_rows, outputs, (rewards, values, mask, lam), gamma, dtype)
     return advantages, returns
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from . import backend
-from ._blocks import row_blocks
+from ._blocks import map_row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
 from .gae import check_lambda, next_token_values, whiten_in_place
@@ -150,16 +150,12 @@ def _hvm_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening, on blocks of rows (see
     `_hvm_rows`): the temporaries are block-sized, only the four outputs are (B, T)."""
-    advantages, local_returns, global_returns = (
-        torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(3)
+    outputs = [torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(3)]
+    outputs.append(torch.empty(mask.shape, dtype=torch.bool, device=mask.device))  # start_mask
+    per_row = (rewards, local_values, global_values, mask, seg_ids, lam)
+    advantages, local_returns, global_returns, start_mask = map_row_blocks(
+        _hvm_rows, outputs, per_row, gamma, global_lam, global_weight, dtype
     )
-    start_mask = torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
-    for b in row_blocks(mask.shape, mask.device):
-        lam_b = lam[b] if isinstance(lam, torch.Tensor) else lam
-        args = (rewards[b], local_values[b], global_values[b], mask[b], seg_ids[b], lam_b)
-        advantages[b], local_returns[b], global_returns[b], start_mask[b] = _hvm_rows(
-            *args, gamma, global_lam, global_weight, dtype
-        )
     return advantages, local_returns, global_returns, start_mask
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import backend
-from ._blocks import row_blocks
+from ._blocks import map_row_blocks
 from ._checks import check_ids, check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
 
@@ -148,8 +148,7 @@ def _segment_ids_torch(
     """`segment_ids` on validated inputs (bool `mask`), on blocks of rows (see `_segment_rows`)."""
     seg = torch.empty(mask.shape, dtype=dtype, device=mask.device)
     table = boundary_table.to(mask.device)
-    for b in row_blocks(mask.shape, mask.device):
-        seg[b] = _segment_rows(response_ids[b], mask[b], table, min_len, max_len, fallback_len)
+    map_row_blocks(_segment_rows, [seg], (response_ids, mask), table, min_len, max_len, fallback_len)
     return seg
 
 
@@ -160,8 +159,8 @@ def _segment_rows(
     min_len: int,
     max_len: int | None,
     fallback_len: int | None,
-) -> torch.Tensor:
-    """Segment ids of some rows, int64."""
+) -> tuple[torch.Tensor]:
+    """Segment ids of some rows, int64 (one output, as a 1-tuple for `map_row_blocks`)."""
     layout = Compactor(mask)
     valid = layout.mask
     # int64 ids (uint8/int8/int16 cannot index a table); ids past a row's end may be anything
@@ -182,7 +181,7 @@ def _segment_rows(
     # id of token t = number of segment ends strictly before t
     seg = ends.cumsum(dim=1) - ends.long()
     seg = seg.clamp_max(ends.sum(dim=1, keepdim=True) - 1)
-    return layout.expand(seg)
+    return (layout.expand(seg),)
 
 
 def _merge_short_segments(ends: torch.Tensor, last: torch.Tensor, min_len: int) -> torch.Tensor:

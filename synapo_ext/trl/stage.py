@@ -182,7 +182,7 @@ class SynAPOStageMixin:
         )
         if whiten_across:
             result.advantages = masked_whiten(
-                result.advantages, mask.bool(), sum_over_processes=lambda t: accelerator.reduce(t, "sum")
+                result.advantages, mask, sum_over_processes=lambda t: accelerator.reduce(t, "sum")
             )
         if scope_world == 1:
             return result, 1
