@@ -22,6 +22,7 @@ from .scvl import (
 )
 from .segments import boundary_table_from_tokenizer, segment_ids
 from .stage import SynAPOAdvantages, actor_lambda, compute_synapo_advantages
+from .tree import TreeAdvantages, compute_tree_advantages, tree_local_advantages, tree_node_values, tree_token_values
 
 __all__ = [
     "EA_GAE_EPS",
@@ -33,10 +34,12 @@ __all__ = [
     "SCVLSides",
     "SynAPOAdvantages",
     "SynAPOParams",
+    "TreeAdvantages",
     "actor_lambda",
     "boundary_table_from_tokenizer",
     "compute_gae",
     "compute_synapo_advantages",
+    "compute_tree_advantages",
     "ea_gae_lambda",
     "explained_variance",
     "hvm_advantages",
@@ -53,5 +56,8 @@ __all__ = [
     "scvl_sides",
     "scvl_split_loss",
     "segment_ids",
+    "tree_local_advantages",
+    "tree_node_values",
+    "tree_token_values",
     "value_loss",
 ]
