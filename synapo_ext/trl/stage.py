@@ -54,8 +54,9 @@ class SynAPOStageMixin:
         (`output[LM_WEIGHT]`); in training, update the critic.
 
         Rows with no valid token (e.g. `mask_truncated_completions`) or no score are skipped by the core and counted
-        (`synapo/rows_empty`, `synapo/rows_unscored`). A batch where no process has a row left takes no critic step
-        (`synapo/batches_skipped`).
+        (`synapo/rows_empty`, `synapo/rows_unscored`). A batch where no process has a row left, or, with
+        `whiten_advantages`, where all processes together have fewer than 2 valid tokens (whitening needs a mean and
+        a variance), gets zero advantages and takes no critic step (`synapo/batches_skipped`).
 
         Returns:
             (metrics to average over processes, metrics to sum over processes).
@@ -85,7 +86,11 @@ class SynAPOStageMixin:
             METRICS.rows_unscored: float((~scored).sum()),
             METRICS.rows_empty: float((~row_valid & scored).sum()),
         }
-        if self.accelerator.gather(row_valid.sum().reshape(1)).sum() == 0:  # no process has a row: skip, count
+        # skip (and count) a batch with nothing to learn from: no process has a row left, or whitening is on and
+        # every process together has fewer than 2 valid tokens (a mean and a variance need 2)
+        counts = torch.stack([row_valid.sum().float(), learn_mask.sum().float()])
+        rows_all, tokens_all = self.accelerator.gather(counts).view(-1, 2).sum(dim=0)
+        if rows_all == 0 or (params.whiten_advantages and tokens_all < 2):
             output["advantages"], output[LM_WEIGHT] = torch.zeros(B, T, device=device), torch.zeros(B, device=device)
             self._log_row_advantages(output["advantages"], mask)
             totals[METRICS.batches_skipped] = 1.0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("trl")
 
-from synapo_ext.core import METRICS  # noqa: E402
+from synapo_ext.core import METRICS, PRESETS  # noqa: E402
 from synapo_ext.trl.stage import LM_WEIGHT  # noqa: E402
 
 pytestmark = pytest.mark.trl
@@ -61,3 +64,82 @@ def test_rows_without_a_score_are_left_out_and_counted(make_trainer, rollout_inp
     assert output["advantages"][scored_tokens].mean().abs() < 1e-5  # whitened over the scored rows only
     assert trainer._metrics["train"][METRICS.rows_unscored] == [float(unscored.sum())]
     assert trainer._metrics["train"][METRICS.batches_skipped] == [0.0]
+
+
+def _with_mask(output, mask):
+    """A copy of TRL's rollout `output` whose completion mask is `mask` (B, T) (0/1)."""
+    copy = dict(output)
+    copy["completion_mask"] = mask.to(output["completion_mask"].dtype)
+    return copy
+
+
+@pytest.fixture
+def rolled_out(make_trainer, rollout_inputs):
+    """`rolled_out(preset)` -> (trainer in train mode, one real rollout `output` of it, TRL's raw rewards)."""
+
+    def make(preset):
+        trainer = make_trainer(preset)
+        trainer.model.train()
+        output = trainer._rollout(rollout_inputs(trainer))
+        return trainer, output, trainer._rewards_per_func
+
+    return make
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_batch_with_one_learnable_token_is_skipped_and_counted(rolled_out, preset):
+    # e.g. mask_truncated_completions with short completions: one row keeps a 1-token completion
+    trainer, output, _ = rolled_out(preset)
+    mask = torch.zeros_like(output["completion_mask"])
+    mask[3, 0] = 1
+    critic_before = {k: v.clone() for k, v in trainer.critic.state_dict().items()}
+    means, totals = trainer._synapo_stage(_with_mask(output, mask), "train")  # used to raise: whitening needs 2
+    assert totals[METRICS.batches_skipped] == 1.0
+    assert totals[METRICS.rows_empty] == float(mask.size(0) - 1)
+    assert trainer._critic_updates == 0
+    assert all(torch.equal(v, critic_before[k]) for k, v in trainer.critic.state_dict().items())
+
+
+def test_a_batch_with_one_learnable_token_trains_when_whitening_is_off(rolled_out):
+    trainer, output, rewards_per_func = rolled_out("vapo")
+    trainer.synapo = dataclasses.replace(trainer.synapo, whiten_advantages=False)
+    row = int(rewards_per_func[:, 0].nonzero()[0, 0])  # a row with a nonzero score
+    mask = torch.zeros_like(output["completion_mask"])
+    mask[row, 0] = 1
+    copy = _with_mask(output, mask)
+    means, totals = trainer._synapo_stage(copy, "train")
+    assert totals[METRICS.batches_skipped] == 0.0
+    assert trainer._critic_updates == 1
+    # the critic's head starts at zero, so the one token's advantage is its score
+    assert copy["advantages"][row, 0] == rewards_per_func[row, 0]
+    assert (copy["advantages"].count_nonzero() == 1) and torch.isfinite(copy["advantages"]).all()
+
+
+_PRESET_TRAINERS: dict = {}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_masks_with_0_1_or_2_valid_tokens_never_crash_the_stage(rolled_out, data):
+    """Property: whatever the preset and wherever 0, 1 or 2 valid tokens fall, the TRL stage returns finite
+    advantages and counts a skipped batch exactly when nothing can be learnt from it."""
+    preset = data.draw(st.sampled_from(sorted(PRESETS)), label="preset")
+    if preset not in _PRESET_TRAINERS:
+        _PRESET_TRAINERS[preset] = rolled_out(preset)
+    trainer, output, rewards_per_func = _PRESET_TRAINERS[preset]
+    B, T = output["completion_mask"].shape
+    n = data.draw(st.integers(0, 2), label="valid tokens")
+    cells = data.draw(st.lists(st.integers(0, B * T - 1), min_size=n, max_size=n, unique=True), label="cells")
+    mask = torch.zeros(B * T, dtype=output["completion_mask"].dtype)
+    mask[cells] = 1
+    mask = mask.view(B, T)
+    mode = data.draw(st.sampled_from(["train", "eval"]), label="mode")
+    trainer._rewards_per_func = rewards_per_func
+    copy = _with_mask(output, mask)
+    updates = trainer._critic_updates
+    means, totals = trainer._synapo_stage(copy, mode)
+    assert copy["advantages"].shape == (B, T) and torch.isfinite(copy["advantages"]).all()
+    assert (copy["advantages"][mask == 0] == 0).all()
+    assert totals[METRICS.batches_skipped] == float(n < 2)
+    assert trainer._critic_updates == updates + (mode == "train" and n == 2)
+    assert all(math.isfinite(v) for v in {**means, **totals}.values())
