@@ -13,7 +13,10 @@ built, and the rollout's fields on every rollout.
    `old_per_token_logps`. The trainer asks that pass for the entropy too (EA-GAE needs the rollout-time entropy).
 4. The rollout output (`_generate_and_score_completions`) holds `ROLLOUT_FIELDS`, `(B, ...)` tensors in the
    process's row order, and `advantages` may be replaced by a `(B, T)` tensor (`_compute_loss` unsqueezes only 1-D).
-5. `_calculate_rewards` returns the gathered `(B_global, n_funcs)` rewards with NaN where a function returned None,
+5. `_generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)` returns one completion (a list of
+   token ids, cut after the first of `self.eos_token_ids`) per prompt in `prompt_ids`, generating with
+   `self.generation_config` (transformers' path), and `_generate` keeps their order (tree rollouts rely on it).
+6. `_calculate_rewards` returns the gathered `(B_global, n_funcs)` rewards with NaN where a function returned None,
    and this process's rows are `process_index * B : (process_index + 1) * B` of them.
 """
 
@@ -43,6 +46,7 @@ SKIP_VERSION_CHECK_ENV = "SYNAPO_TRL_SKIP_VERSION_CHECK"
 HOOKS = {
     "_generate_and_score_completions": ("inputs",),
     "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
+    "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
     "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size"),
     "_compute_loss": ("model", "inputs"),
     "_save_checkpoint": ("model", "trial"),

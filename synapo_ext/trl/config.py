@@ -11,6 +11,7 @@ from trl import GRPOConfig
 
 from ..core import PRESETS, SynAPOParams, params_from_preset
 from ._spelling import RENAMED_CONFIG_KEYWORDS, unknown_keyword_message
+from .tree import TreeRolloutFields
 
 __all__ = ["CRITIC_SCHEDULERS", "PRESET_FIELDS", "SynAPOConfig"]
 
@@ -47,7 +48,7 @@ def _from_preset(text: str) -> dict[str, str]:
 
 
 @dataclass
-class SynAPOConfig(GRPOConfig, SynAPOParams):
+class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
     r"""
     Configuration class for [`SynAPOTrainer`]: every [`GRPOConfig`] argument plus SynAPO's.
 
@@ -86,6 +87,22 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
             Gradient clipping of the critic (`0` or `None`: off).
         cliprange_value (`float`, *optional*, defaults to `0.5`):
             PPO value clipping around the rollout-time values (`None`: off).
+
+        > Parameters that control tree rollouts (docs/trl_tree_rollouts.md)
+
+        rollout_tree_roots (`int`, *optional*, defaults to `0`):
+            Trees per prompt; `0`: independent samples (TRL's generation). Each prompt's `num_generations` rows grow
+            as `rollout_tree_roots` trees that branch at segment boundaries (a token containing one of
+            `hvm_delimiters`), and `num_generations` must be `rollout_tree_roots * rollout_tree_branching **
+            rollout_tree_depth`. Needs `gamma=1`, transformers' generation (no vLLM) and whole trees on each process.
+        rollout_tree_branching (`int`, *optional*, defaults to `2`):
+            Children of each inner node.
+        rollout_tree_depth (`int`, *optional*, defaults to `1`):
+            Branchings from a root to a leaf.
+        rollout_tree_segments (`int`, *optional*, defaults to `1`):
+            Segments each level generates before it branches (the last level runs to the end).
+        rollout_tree_local_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the critic's in-segment GAE added to the tree's node advantages (`0`: tree advantages only).
 
         > The write-up's spelling
 
@@ -148,6 +165,7 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
                 )
             self.num_iterations = self.ppo_epochs
         self._validate_critic_fields()  # before TRL's checks: name the critic's field first
+        self.validate_tree_fields()
         for name in PRESET_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
@@ -161,6 +179,7 @@ class SynAPOConfig(GRPOConfig, SynAPOParams):
             )
         super().__post_init__()
         self.validate()  # SynAPOParams' checks, each naming its field
+        self.validate_tree_rollouts()  # after TRL resolved steps_per_generation
 
     def _validate_critic_fields(self) -> None:
         """The critic's settings, each refused here (not after the first rollout) with its field's name."""

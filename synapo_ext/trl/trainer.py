@@ -24,6 +24,7 @@ from .critic import build_critic
 from .critic_weights import init_critic_meta, init_critic_zero3
 from .distributed import PreparedCritic, critic_backend, prepare_critic, zero_stage
 from .stage import LM_WEIGHT, SynAPOStageMixin
+from .tree import TreeRolloutMixin
 from .warmup import ValueWarmupMixin
 
 __all__ = ["SynAPOTrainer"]
@@ -36,7 +37,7 @@ check_old_logps_condition(GRPOTrainer)
 TRAINER_PARAMETERS = (*inspect.signature(GRPOTrainer.__init__).parameters, "critic_model", "config", "tokenizer")[1:]
 
 
-class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTrainer):
+class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTrainer):
     """GRPO's trainer with a learned critic: per-token `(B, T)` advantages from `synapo_ext.core` replace GRPO's
     group-normalised ones; everything else (generation, vLLM, reward functions, the clipped token-level policy loss,
     logging) is TRL's.
@@ -49,6 +50,10 @@ class SynAPOTrainer(ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTra
       it: `value_warmup_steps` is the cap, `value_warmup_target_ev` / `value_warmup_patience` end it earlier.
     - `_get_per_token_logps_and_entropies`: keeps the entropy of TRL's old-log-prob pass (no extra forward when TRL
       runs one) and the with-grad log-probs of the loss pass (for the positive-example LM loss).
+    - `_generate_single_turn` (with `rollout_tree_roots > 0`, training rollouts only): grows each prompt's group as
+      segment trees (`synapo_ext.trl.tree`), and `_core_stage` takes the advantages and critic targets from the
+      tree's Monte-Carlo values (`core.compute_tree_advantages`); the tokens generated are counted in
+      `rollout_token_counts` and logged (`rollout/generated_tokens`) with or without trees.
     - `_calculate_rewards`: keeps the raw rewards (TRL's output holds only normalised advantages).
     - `_compute_loss`: adds the core's positive-example LM loss (`positive_lm_coef` * mean NLL of the correct
       responses' tokens, "correct" by `positive_lm_threshold`).
