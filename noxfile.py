@@ -125,9 +125,9 @@ def verl(session: nox.Session) -> None:
 
 @nox.session
 def trl(session: nox.Session) -> None:
-    """tests/trl against TRL 1.16; TRL must import, no silent skips."""
+    """tests/trl against TRL 1.16 (with peft); TRL and peft must import, no silent skips."""
     _install(session, "trl,dev")
-    _pytest(session, "tests/trl", host="trl")
+    _pytest(session, "tests/trl", host="trl,peft")
 
 
 @nox.session

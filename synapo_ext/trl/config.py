@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -148,6 +149,22 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
     )
     critic_max_grad_norm: float | None = field(default=1.0, metadata=_help("Critic gradient clipping (0: off)."))
     cliprange_value: float | None = field(default=0.5, metadata=_help("PPO value clip range (None: off)."))
+    # GRPO's reward normalisation, replaced by the critic's baseline (and `whiten_advantages`)
+    scale_rewards: str = field(
+        default="none",
+        metadata=_help(
+            "GRPO's reward scaling. SynAPO's advantages come from a critic (whitened by `whiten_advantages`): only "
+            "'none' (the default here) is accepted; 'group' / 'batch' are refused."
+        ),
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata=_help(
+            "How reward functions combine. SynAPO's score is the weighted sum of the reward functions' raw values "
+            "('sum_then_normalize': the normalisation is the critic's baseline and `whiten_advantages`); "
+            "'normalize_then_sum' is refused."
+        ),
+    )
     # The write-up's spelling
     ppo_epochs: int | None = field(
         default=None, metadata=_help("Alias of TRL's num_iterations (the write-up's name); sets it when given.")
@@ -166,6 +183,7 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
             self.num_iterations = self.ppo_epochs
         self._validate_critic_fields()  # before TRL's checks: name the critic's field first
         self.validate_tree_fields()
+        self._refuse_group_normalisation()
         for name in PRESET_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
@@ -208,6 +226,23 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
                 f"without a metric or extra arguments), got {self.critic_lr_scheduler_type!r}"
             )
 
+    def _refuse_group_normalisation(self) -> None:
+        """GRPO's reward normalisation options, which have no meaning for a critic's value-based advantages."""
+        scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if scale != "none":
+            raise ValueError(
+                f"`scale_rewards` must be 'none' with SynAPOTrainer, got {self.scale_rewards!r}: it scales GRPO's "
+                "group-relative advantages, and SynAPO's come from a critic (their scale is set by "
+                "`whiten_advantages`, on by default); leave scale_rewards unset"
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "`multi_objective_aggregation` must be 'sum_then_normalize' with SynAPOTrainer, got "
+                f"{self.multi_objective_aggregation!r}: SynAPO's score is the weighted sum of the reward functions' "
+                "raw values (`reward_weights`), which the critic learns to predict; a per-group normalisation of each "
+                "function would make the score group-relative"
+            )
+
     def synapo_params(self) -> SynAPOParams:
         """The core's parameters (a plain `SynAPOParams`) as this config resolves them."""
         return SynAPOParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SynAPOParams)})
@@ -219,11 +254,33 @@ _dataclass_init = SynAPOConfig.__init__
 
 @functools.wraps(_dataclass_init)
 def _init_with_hints(self, *args, **kwargs):
-    """The dataclass `__init__`, with an unknown keyword refused by a message saying what to write instead."""
+    """The dataclass `__init__` with `output_dir` its only positional parameter, as `GRPOConfig("out")` (the
+    dataclass order puts SynAPO's fields first), and an unknown keyword refused saying what to write instead."""
+    if len(args) > 1:
+        raise TypeError(
+            f"SynAPOConfig takes one positional argument (output_dir), got {len(args)}: pass the others by keyword"
+        )
+    if args:
+        if "output_dir" in kwargs:
+            raise TypeError("SynAPOConfig got output_dir both as its positional argument and as a keyword")
+        kwargs["output_dir"] = args[0]
     for name in kwargs:
         if name not in _INIT_FIELDS:
             raise TypeError(unknown_keyword_message("SynAPOConfig", name, _INIT_FIELDS, RENAMED_CONFIG_KEYWORDS))
-    _dataclass_init(self, *args, **kwargs)
+    _dataclass_init(self, **kwargs)
+
+
+_init_with_hints.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("output_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        *(
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for name, p in inspect.signature(_dataclass_init).parameters.items()
+            if name not in ("self", "output_dir")
+        ),
+    ]
+)
 
 
 SynAPOConfig.__init__ = _init_with_hints

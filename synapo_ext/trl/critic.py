@@ -17,8 +17,10 @@ import tempfile
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForTokenClassification, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .critic_arch import base_model_state_dict, critic_class, head_name, is_peft_model
 
 __all__ = [
     "IncompleteCheckpointError",
@@ -40,6 +42,7 @@ STATE_FILE = "critic_trainer_state.json"
 MANIFEST_FILE = "critic_manifest.json"  # written last: the critic part is complete iff it lists every file
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded weights (large critics)
+ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT critic (`critic_peft_config`): its adapters and value head
 
 
 def _num_labels(model: nn.Module) -> int | None:
@@ -53,34 +56,44 @@ def _vocab_size(model: nn.Module) -> int:
 def build_critic(critic_model: str | PreTrainedModel | None, policy: PreTrainedModel, *, num_heads: int, **kwargs):
     """The critic for `policy`: loaded from a path, taken as given, or initialised from the policy's weights.
 
+    Built here (None or a path), the critic is `critic_arch.critic_class`'s: the model type's `*ForTokenClassification`
+    class, or a value head on its `AutoModel` backbone where transformers has none.
+
     Args:
-        critic_model: a path / hub id of a token-classification model, a model, or None (copy the policy's
-            backbone; the value head is zero, so every value starts at 0). Built here (None or a path), the
-            critic has no dropout before its head (`classifier_dropout=0`); a model passed in is used as it is.
+        critic_model: a path / hub id of a model to read values with, a model, or None (copy the policy's backbone,
+            a PEFT policy's base weights; the value head is zero, so every value starts at 0). Built here (None or a
+            path), the critic has no dropout before its head (`classifier_dropout=0`); a model passed in is used as
+            it is.
         policy: the policy model (its config and weights seed a `None` critic; its vocabulary is the reference).
         num_heads: 2 with HVM (head 0 local, head 1 global), else 1.
         **kwargs: passed to `from_pretrained` for a path.
 
     Raises:
-        ValueError: the critic's vocabulary or number of outputs does not match (naming `critic_model`).
+        ValueError: the critic's vocabulary or number of outputs does not match, or a critic initialised from the
+            policy finds no policy weight for a backbone parameter (naming `critic_model`).
     """
     if critic_model is None:
         config = copy.deepcopy(policy.config)
         config.num_labels = num_heads  # from_config(num_labels=...) is refused by transformers 5
         config.problem_type = "regression"
         config.classifier_dropout = 0.0  # a value head regresses: transformers' token classifiers default to 0.1
-        critic = AutoModelForTokenClassification.from_config(config)
-        missing, _ = critic.load_state_dict(policy.state_dict(), strict=False)
-        head = critic.get_output_embeddings() or getattr(critic, "score", None)
-        if isinstance(head, nn.Linear):
-            nn.init.zeros_(head.weight)
-            if head.bias is not None:
-                nn.init.zeros_(head.bias)
+        critic = critic_class(config)._from_config(config)
+        head = head_name(critic)
+        missing, _ = critic.load_state_dict(base_model_state_dict(policy), strict=False)
+        backbone_missing = [name for name in missing if name.split(".")[0] != head]
+        if backbone_missing:
+            raise ValueError(
+                f"the critic initialised from the policy finds no policy weight for {backbone_missing[:8]}"
+                f"{' ...' if len(backbone_missing) > 8 else ''} (policy {type(policy).__name__}): pass `critic_model`"
+            )
+        for p in getattr(critic, head).parameters() if head is not None else ():
+            nn.init.zeros_(p)
         logger.info("critic initialised from the policy; fresh parameters: %s", missing)
         critic.to(dtype=next(policy.parameters()).dtype)
     elif isinstance(critic_model, str):
         kwargs.setdefault("classifier_dropout", 0.0)  # as above
-        critic = AutoModelForTokenClassification.from_pretrained(critic_model, num_labels=num_heads, **kwargs)
+        config = AutoConfig.from_pretrained(critic_model, trust_remote_code=kwargs.get("trust_remote_code", False))
+        critic = critic_class(config).from_pretrained(critic_model, num_labels=num_heads, **kwargs)
     elif isinstance(critic_model, nn.Module):
         critic = critic_model
     else:
@@ -191,7 +204,7 @@ def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
     files, sharded = manifest["files"], manifest.get("sharded")
     required = ([] if sharded else [OPTIMIZER_FILE]) + [SCHEDULER_FILE, STATE_FILE] if training_state else []
     missing = [name for name in required if name not in files]
-    if WEIGHTS_FILE not in files and WEIGHTS_INDEX_FILE not in files:
+    if not {WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ADAPTER_FILE} & set(files):
         missing.append(WEIGHTS_FILE)
     listed = [(os.path.join(critic_dir, name), size) for name, size in files.items()]
     if sharded:
@@ -226,8 +239,18 @@ def load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer=None,
         )
     if critic is not None:
         model = _unwrapped(critic)
-        state_dict = _read_weights(critic_dir, device=str(next(model.parameters()).device))
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        device = str(next(model.parameters()).device)
+        peft_saved = os.path.isfile(os.path.join(critic_dir, ADAPTER_FILE))
+        if peft_saved != is_peft_model(model):
+            raise ValueError(
+                f"the critic in {critic_dir} is {'a PEFT adapter' if peft_saved else 'a whole model'} but this "
+                f"critic is {'PEFT-wrapped' if is_peft_model(model) else 'not'}: resume with the same "
+                "`critic_peft_config`"
+            )
+        if peft_saved:
+            missing, unexpected = _load_adapter(model, load_file(os.path.join(critic_dir, ADAPTER_FILE), device))
+        else:
+            missing, unexpected = model.load_state_dict(_read_weights(critic_dir, device=device), strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"the critic weights in {critic_dir} do not fit this critic: missing keys {missing}, unexpected keys "
@@ -238,6 +261,16 @@ def load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer=None,
             obj.load_state_dict(torch.load(os.path.join(critic_dir, name), map_location="cpu", weights_only=True))
     with open(os.path.join(critic_dir, STATE_FILE)) as f:
         return json.load(f)
+
+
+def _load_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load a PEFT critic's saved adapter + head into `model`; (missing trainable keys, unexpected keys)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state_dict)
+    loaded = {k for k in model.state_dict() if k not in result.missing_keys}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n in trainable if n not in loaded], list(result.unexpected_keys)
 
 
 def is_sharded_checkpoint(checkpoint: str) -> bool:

@@ -52,10 +52,35 @@ def critic_config(policy_config: PretrainedConfig, *, num_heads: int) -> Pretrai
     return config
 
 
+def _build(config: PretrainedConfig) -> PreTrainedModel:
+    """`critic_arch.critic_class(config)` built from `config` (a value head on `AutoModel`'s backbone where the model
+    type has no token-classification class); this file loaded alone (no package): transformers' token classifier."""
+    try:
+        from synapo_ext.trl.critic_arch import critic_class
+    except ImportError:
+        return AutoModelForTokenClassification.from_config(config)
+    return critic_class(config)._from_config(config)
+
+
+def _policy_names(policy: nn.Module, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{the plain model's name: tensor} of a policy's `named` parameters / buffers (a PEFT policy: base weights under
+    their plain names, adapters left out; `critic_arch.base_parameter_name`)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return dict(named)
+    if not isinstance(policy, PeftModel):
+        return dict(named)
+    from synapo_ext.trl.critic_arch import base_parameter_name
+
+    prefix = getattr(policy.base_model, "prefix", "lora_")
+    return {plain: t for name, t in named if (plain := base_parameter_name(name, prefix)) is not None}
+
+
 def init_critic_meta(policy_config: PretrainedConfig, *, num_heads: int) -> PreTrainedModel:
     """A critic on the meta device (no memory): materialise it with `prepare_critic(..., policy=...)`."""
     with torch.device("meta"):
-        return AutoModelForTokenClassification.from_config(critic_config(policy_config, num_heads=num_heads))
+        return _build(critic_config(policy_config, num_heads=num_heads))
 
 
 def local_numel(model: nn.Module) -> tuple[int, int]:
@@ -87,8 +112,7 @@ def load_critic_from_policy(critic: nn.Module, policy: nn.Module) -> list[str]:
     Returns:
         the critic's parameter names with no counterpart in the policy (the value head).
     """
-    source = dict(policy.named_parameters())
-    source.update(dict(policy.named_buffers()))
+    source = _policy_names(policy, [*policy.named_parameters(), *policy.named_buffers()])
     fresh = []
     for name, param in [*critic.named_parameters(), *critic.named_buffers()]:
         src = source.get(name)
@@ -126,7 +150,7 @@ def init_critic_zero3(
 
     config = critic_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
     with deepspeed.zero.Init(config_dict_or_path=config):
-        return AutoModelForTokenClassification.from_config(critic_config(policy_config, num_heads=num_heads))
+        return _build(critic_config(policy_config, num_heads=num_heads))
 
 
 def critic_deepspeed_config(accelerator, micro_batch_size: int, max_grad_norm: float | None) -> dict:
@@ -157,7 +181,7 @@ def _copy_policy_zero3(critic: nn.Module, policy: nn.Module) -> None:
     """ZeRO-3: gather one critic/policy parameter pair at a time and copy (never a full model on a rank)."""
     import deepspeed
 
-    source = dict(policy.named_parameters())
+    source = _policy_names(policy, list(policy.named_parameters()))
     for name, param in critic.named_parameters():
         src = source.get(name)
         with deepspeed.zero.GatheredParameters([param] + ([src] if src is not None else []), modifier_rank=0):

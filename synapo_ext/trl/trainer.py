@@ -21,6 +21,7 @@ from ._spelling import RENAMED_TRAINER_KEYWORDS, one_of, unknown_keyword_message
 from .checkpoint import CheckpointMixin
 from .config import SynAPOConfig
 from .critic import build_critic
+from .critic_arch import wrap_critic_lora
 from .critic_weights import init_critic_meta, init_critic_zero3
 from .distributed import PreparedCritic, critic_backend, prepare_critic, zero_stage
 from .stage import LM_WEIGHT, SynAPOStageMixin
@@ -34,7 +35,13 @@ logger = logging.getLogger(__name__)
 check_hooks(GRPOTrainer)  # the private methods wrapped below (synapo_ext/trl/_compat.py states each assumption)
 check_old_logps_condition(GRPOTrainer)
 
-TRAINER_PARAMETERS = (*inspect.signature(GRPOTrainer.__init__).parameters, "critic_model", "config", "tokenizer")[1:]
+TRAINER_PARAMETERS = (
+    *inspect.signature(GRPOTrainer.__init__).parameters,
+    "critic_model",
+    "critic_peft_config",
+    "config",
+    "tokenizer",
+)[1:]
 
 
 class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTrainer):
@@ -68,7 +75,12 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
 
     Args:
         critic_model: a path / hub id of a token-classification model, a model, or `None` (initialised from the
-            policy's weights, or from `args.critic_model_name_or_path` when set).
+            policy's weights, a PEFT policy's base weights, or from `args.critic_model_name_or_path` when set).
+            Built here, it is the model type's `*ForTokenClassification` class, or a value head on its `AutoModel`
+            backbone where transformers has none (`critic_arch.critic_class`).
+        critic_peft_config: a `peft.PeftConfig` (e.g. `LoraConfig`) to wrap the critic with: a frozen backbone with
+            trained adapters and a trained value head (less optimizer memory); its checkpoints hold the adapter and
+            the head (`critic/adapter_model.safetensors`). One process or DDP (not FSDP2 / DeepSpeed).
         config: the research write-up's name of `args` (a `SynAPOConfig`).
         tokenizer: the research write-up's name of `processing_class`.
         Every other argument is `GRPOTrainer`'s; any other keyword is refused with what to write instead.
@@ -87,6 +99,7 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
         processing_class=None,
         *,
         critic_model=None,
+        critic_peft_config=None,
         config: SynAPOConfig | None = None,
         tokenizer=None,
         **kwargs,
@@ -102,8 +115,8 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
                 )
         args = one_of("args", args, "config", config)
         processing_class = one_of("processing_class", processing_class, "tokenizer", tokenizer)
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+        if args is None:  # as GRPOTrainer: "<model name>-GRPO"
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
             args = SynAPOConfig(f"{name.split('/')[-1]}-SynAPO")
         if not isinstance(args, SynAPOConfig):
             raise TypeError(f"`args` (or `config`) must be a SynAPOConfig, got {type(args).__name__}")
@@ -115,7 +128,14 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
         self._critic_backend = critic_backend(self.accelerator)  # single, ddp, fsdp2 or deepspeed
         self._critic_from_policy = False  # seeded from the prepared policy by prepare_critic (fsdp2 / ZeRO-3)
         self._critic: PreparedCritic | None = None  # set by _prepare_critic
+        if critic_peft_config is not None and self._critic_backend in ("fsdp2", "deepspeed"):
+            raise NotImplementedError(
+                f"`critic_peft_config` (a PEFT-wrapped critic) runs in one process or under DDP, not under "
+                f"{self._critic_backend}: leave it out (the critic is then trained whole, sharded as the policy)"
+            )
         self.critic = self._build_critic(critic_model, policy, num_heads=2 if self.synapo.hvm_enabled else 1)
+        if critic_peft_config is not None:
+            self.critic = wrap_critic_lora(self.critic, critic_peft_config)
         self.critic_optimizer = None  # prepare_critic's raw AdamW (single: built here; else once the policy is)
         self.critic_scheduler = None  # built once the number of steps is known (_critic_lr_scheduler)
         if self._critic_backend == "single":
@@ -288,6 +308,17 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
             self._metrics[mode][name].append(value)
 
     # --- loss -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+        """TRL's off-policy sequence mask (DeepSeek-V3.2, `off_policy_mask_threshold`) with its rule kept per
+        sequence: keep a sequence if its advantage is >= 0 or its mean KL(pi_old || pi) is <= the threshold, where a
+        sequence's advantage is the mean of its (B, T) advantages over `mask`'s tokens. Returns (B, 1)."""
+        if advantages.dim() == 2 and advantages.size(1) > 1:
+            advantages = (advantages * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        return GRPOTrainer.get_off_policy_mask(
+            advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold
+        )
 
     def _compute_loss(self, model, inputs):
         coef = self.synapo.positive_lm_coef

@@ -22,10 +22,21 @@ def tokenizer():
 
 @pytest.fixture
 def make_trainer(tmp_path, tokenizer):
-    """`make_trainer(preset=..., **config_overrides)` -> an untrained SynAPOTrainer on the tiny task."""
+    """`make_trainer(preset=..., **config_overrides)` -> an untrained SynAPOTrainer on the tiny task; `model`,
+    `train_dataset` and `trainer_kwargs` (more SynAPOTrainer keywords) replace the tiny task's parts."""
     from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
 
-    def factory(preset="synapo", reward_funcs=None, critic_model=None, processing_class=None, **overrides):
+    def factory(
+        preset="synapo",
+        reward_funcs=None,
+        critic_model=None,
+        processing_class=None,
+        *,
+        model=None,
+        train_dataset=None,
+        trainer_kwargs=None,
+        **overrides,
+    ):
         config = {
             "output_dir": str(tmp_path / "out"),
             "preset": preset,
@@ -46,12 +57,13 @@ def make_trainer(tmp_path, tokenizer):
         config.update(overrides)
         tok = processing_class or tokenizer
         return SynAPOTrainer(
-            model=make_policy(tok),
+            model=make_policy(tok) if model is None else model,
             reward_funcs=reward_funcs or [first_char_reward],
             args=SynAPOConfig(**config),
-            train_dataset=make_dataset(),
+            train_dataset=make_dataset() if train_dataset is None else train_dataset,
             processing_class=tok,
             critic_model=critic_model,
+            **(trainer_kwargs or {}),
         )
 
     return factory
