@@ -11,7 +11,7 @@
 # actor clip_ratio_low/high (clip-higher), loss_agg_mode=token-mean, algorithm.gamma/lam, critic.enable=True,
 # the two-head critic (HVM), the SCVL hinge and the positive-example LM loss. Group sampling is rollout.n (>= 2).
 # Override any SynAPO parameter with +algorithm.synapo.<name>=... (see synapo_ext.core.SynAPOParams).
-# Where entry points are disabled: export VERL_USE_EXTERNAL_MODULES=synapo_ext.verl.plugin
+# Where entry points are disabled: export VERL_USE_EXTERNAL_MODULES=synapo_ext.patches.verl_plugin
 set -euo pipefail
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}

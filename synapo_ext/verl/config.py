@@ -24,6 +24,7 @@ __all__ = [
     "HF_CONFIG_KEY",
     "SYNAPO",
     "VERL_KEYS",
+    "is_prepared",
     "is_synapo",
     "params_from_algorithm",
     "params_from_hf_config",
@@ -59,6 +60,11 @@ def is_synapo(config: Any) -> bool:
     algorithm = config.get("algorithm", config) if hasattr(config, "get") else config
     estimator = algorithm.get("adv_estimator") if hasattr(algorithm, "get") else None
     return getattr(estimator, "value", estimator) == SYNAPO
+
+
+def is_prepared(config: Any) -> bool:
+    """True if `prepare_config` already ran on this trainer config (it hands the parameters to the critic)."""
+    return OmegaConf.select(config, f"critic.model.override_config.{HF_CONFIG_KEY}", default=None) is not None
 
 
 def params_from_algorithm(algorithm: Any) -> SynAPOParams:

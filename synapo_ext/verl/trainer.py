@@ -5,7 +5,8 @@ After: write back what the critic and the actor need beyond `advantages`/`return
 row per sample, so they travel with the rows through verl's length-balancing reorder, mini-batch shuffle and
 micro-batch split. A field the store already holds (`values_global`, written by the critic) goes back in the dtype
 the store holds (TransferQueue refuses a dtype change and then drops the metadata of every later field); the rest
-are new fields. The fields are read back once, so a write the store did not take fails here, at the step.
+are new fields. TransferQueue traffic beyond verl's own: one read (the extra inputs and the response mask), one write,
+and one read of the last written field, so a write the store did not take fails here, at the step.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def row_fields(ctx: StepContext, params: SynAPOParams) -> dict[str, torch.Tensor
     return out
 
 
-def _fetch_extras(tq: Any, batch: Any, params: SynAPOParams) -> dict[str, torch.Tensor]:
-    """Padded (bs, response_length) fields verl's `_compute_advantage` does not fetch."""
+def _fetch_extras(tq: Any, batch: Any, params: SynAPOParams) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Padded (bs, response_length) fields verl's `_compute_advantage` does not fetch, and the nested response mask
+    (one read; the mask is reused to write the row fields back)."""
     from tensordict import TensorDict
     from verl.workers.utils.padding import response_from_nested
 
@@ -85,30 +87,37 @@ def _fetch_extras(tq: Any, batch: Any, params: SynAPOParams) -> dict[str, torch.
     missing = [f for f in fields if f not in data.keys()]
     if missing:
         raise RuntimeError(f"synapo: TransferQueue holds no {missing} for this batch (see synapo_ext.verl.trainer)")
+    mask = data["response_mask"]
     if params.hvm_enabled:  # the critic wrote (prompt + response) values; keep the response part, as verl does
-        data[GLOBAL_VALUES] = response_from_nested(data[GLOBAL_VALUES], data["response_mask"])
+        data[GLOBAL_VALUES] = response_from_nested(data[GLOBAL_VALUES], mask)
     padded = TensorDict(dict(data.items()), batch_size=len(batch)).to_padded_tensor()
-    return {k: padded[k] for k in fields if k != "response_mask"}
+    return {k: padded[k] for k in fields if k != "response_mask"}, mask
 
 
-def _put_and_check(tq: Any, batch: Any, fields: dict[str, torch.Tensor]) -> Any:
-    """Write the row fields (per-token ones nested by the response mask), then read their names back."""
+def _put_and_check(tq: Any, batch: Any, fields: dict[str, torch.Tensor], mask: torch.Tensor) -> Any:
+    """Write the row fields (per-token ones nested by the response `mask`), then read the last one back.
+
+    TransferQueue's controller updates a put's fields in order and, at the first one it refuses (a dtype change),
+    logs an error and drops the metadata of that field and every later one (transfer_queue/controller.py:556). The
+    field already in the store (`values_global`) goes first and the last field is a small new one, so reading the
+    last field back is the one check that every field arrived.
+    """
     from tensordict import TensorDict
     from verl.workers.utils.padding import response_to_nested
 
-    mask = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask"])
-    mask = mask["response_mask"]
-    out = {k: response_to_nested(v, mask) if k in TOKEN_FIELDS else v for k, v in fields.items()}
+    names = sorted(fields, key=lambda k: (k != GLOBAL_VALUES, k not in TOKEN_FIELDS))  # stable: table order
+    out = {k: response_to_nested(fields[k], mask) if k in TOKEN_FIELDS else fields[k] for k in names}
     batch = tq.kv_batch_put(
         keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch))
     )
+    last = names[-1]
     try:
-        stored = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(out)).keys()
-    except Exception as exc:  # the store lost some field's metadata
-        raise RuntimeError(f"synapo: TransferQueue did not take the advantage step's fields {list(out)}") from exc
-    missing = sorted(set(out) - set(stored))
-    if missing:
-        raise RuntimeError(f"synapo: TransferQueue did not take the advantage step's fields {missing}")
+        back = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[last])
+        arrived = last in back.keys()
+    except Exception as exc:  # the store lost the field's metadata
+        raise RuntimeError(f"synapo: TransferQueue did not take the advantage step's fields {names}") from exc
+    if not arrived:
+        raise RuntimeError(f"synapo: TransferQueue did not take the advantage step's fields {names}")
     return batch
 
 
@@ -122,14 +131,15 @@ def wrap_v1_compute_advantage(original: Any) -> Any:
         import verl.trainer.ppo.v1.trainer_base as tb
 
         params = params_from_algorithm(self.config.algorithm)
-        ctx = StepContext(tokenizer=getattr(self, "tokenizer", None), extras=_fetch_extras(tb.tq, batch, params))
+        extras, mask = _fetch_extras(tb.tq, batch, params)
+        ctx = StepContext(tokenizer=getattr(self, "tokenizer", None), extras=extras)
         with step_context(ctx):
             batch = original(self, batch, metrics)
         if ctx.result is None:
             raise RuntimeError("synapo: verl's `_compute_advantage` did not call the synapo estimator")
         fields = row_fields(ctx, params)
         if fields:
-            batch = _put_and_check(tb.tq, batch, fields)
+            batch = _put_and_check(tb.tq, batch, fields, mask)
         metrics.update(ctx.result.metrics)
         warmup_step(self, ctx, params, metrics)
         return batch

@@ -99,6 +99,7 @@ class FakeTQ:
 
     def __init__(self) -> None:
         self.store: dict[str, dict[str, object]] = {}
+        self.calls: list[tuple[str, tuple[str, ...]]] = []  # ("get" | "put", field names), in call order
 
     def load(self, keys, batch: dict, full_fields=()) -> None:
         lengths = batch["response_mask"].sum(-1).long().clamp_min(1)
@@ -119,6 +120,7 @@ class FakeTQ:
     def kv_batch_get(self, keys, partition_id=None, select_fields=None):
         from tensordict import NonTensorData, NonTensorStack, TensorDict
 
+        self.calls.append(("get", tuple(select_fields or ())))
         names = [f for f in (select_fields or self.store[keys[0]].keys()) if f in self.store[keys[0]]]
         td = TensorDict({}, batch_size=[len(keys)])
         for name in names:
@@ -134,6 +136,7 @@ class FakeTQ:
     def kv_batch_put(self, keys, partition_id=None, fields=None):
         from transfer_queue import KVBatchMeta
 
+        self.calls.append(("put", tuple(fields.keys())))
         for name in fields.keys():
             value = fields[name]
             old = self.store[keys[0]].get(name)

@@ -8,12 +8,12 @@ import torch
 pytest.importorskip("verl")
 pytest.importorskip("transfer_queue", reason="verl's V1 trainer needs TransferQueue (synapo-ext[verl] installs it)")
 
-from synapo_ext.patches.verl import apply_synapo_to_verl, revert_synapo_to_verl  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos, ray_trainer  # noqa: E402
 from verl.trainer.ppo.v1 import utils as v1_utils  # noqa: E402
 
 from synapo_ext.core import PRESETS, boundary_table_from_tokenizer, compute_synapo_advantages  # noqa: E402
+from synapo_ext.patches.verl import apply_synapo_to_verl, revert_synapo_to_verl  # noqa: E402
 from synapo_ext.verl.config import params_from_algorithm  # noqa: E402
 from synapo_ext.verl.estimator import StepContext, compute_synapo_advantage, step_context  # noqa: E402
 

@@ -14,8 +14,7 @@ import pytest
 pytest.importorskip("verl")
 
 from synapo_ext.patches import verl as patches  # noqa: E402
-
-from synapo_ext.verl import plugin  # noqa: E402
+from synapo_ext.patches import verl_plugin as plugin  # noqa: E402
 
 pytestmark = pytest.mark.verl
 
@@ -38,7 +37,7 @@ def probe(**env) -> str:
 
 def test_entry_point_is_installed():
     eps = importlib.metadata.entry_points(group="verl.plugins")
-    assert "synapo_ext.verl.plugin" in {ep.value for ep in eps if ep.name == "synapo"}
+    assert "synapo_ext.patches.verl_plugin" in {ep.value for ep in eps if ep.name == "synapo"}
 
 
 def test_import_verl_registers_synapo_in_a_fresh_process():
@@ -47,19 +46,18 @@ def test_import_verl_registers_synapo_in_a_fresh_process():
 
 def test_external_modules_route_when_entry_points_are_off():
     assert probe(VERL_USE_EXTERNAL_PLUGINS="none") == "None"
-    assert probe(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="synapo_ext.verl.plugin") == (
-        "synapo_ext.verl.estimator"
-    )
+    for name in ("synapo_ext.patches.verl_plugin", "synapo_ext.verl.plugin"):  # the second: the former name
+        assert probe(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES=name) == "synapo_ext.verl.estimator"
 
 
 def test_failed_install_is_loud_and_synapo_fails_clearly(monkeypatch, caplog):
     from verl.trainer.ppo import core_algos
 
     def broken():
-        raise RuntimeError("synapo_ext's verl patches target verl==0.9.1; found verl 9.9")
+        raise RuntimeError("synapo_ext's verl patches need verl, which is not installed (9.9)")
 
     patches.revert_synapo_to_verl()
-    monkeypatch.setattr(patches, "check_verl_version", broken)
+    monkeypatch.setattr(patches, "verl_version", broken)
     try:
         with caplog.at_level(logging.ERROR, logger="synapo_ext.verl"):
             assert plugin.install() is False
@@ -70,13 +68,6 @@ def test_failed_install_is_loud_and_synapo_fails_clearly(monkeypatch, caplog):
         monkeypatch.undo()
         assert plugin.install() is True
     assert core_algos.get_adv_estimator_fn("synapo").__module__ == "synapo_ext.verl.estimator"
-
-
-def test_wrong_verl_version_is_refused(monkeypatch):
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.0" if name == "verl" else real(name))
-    with pytest.raises(RuntimeError, match=r"support verl==0\.9\.1 .*found verl 0\.9\.0"):
-        patches.apply_synapo_to_verl()
 
 
 def test_importing_the_package_changes_nothing_in_verl():
@@ -95,52 +86,49 @@ def test_importing_the_package_changes_nothing_in_verl():
 
 
 def _targets():
-    """Every patched attribute, walked from the version table `patches.TARGETS` (importing each module)."""
+    """Every row of the patch table for this verl: the object at `module.attribute` (importing each module), plus
+    the registries the `register` rows write to."""
     import importlib
 
-    targets = patches.TARGETS[patches.check_verl_version()]
-    for name in targets.modules():
-        importlib.import_module(name)
-
-    def bound(names, attr):
-        return tuple(getattr(importlib.import_module(n), attr) for n in names if n in sys.modules)
-
-    trainer_cls = importlib.import_module(targets.trainer_base).PPOTrainer
-    return {
-        "need_critic": bound(targets.need_critic, "need_critic"),
-        "compute_advantage": bound(targets.compute_advantage, "compute_advantage"),
-        "trainer": (
-            *(trainer_cls.__dict__[m] for m in patches.TRAINER_METHODS),
-            importlib.import_module(targets.fsdp_engine).FSDPEngine.__dict__["forward_backward_batch"],
-        ),
-        "value_loss": importlib.import_module(targets.trainer_base).value_loss,
-        "ppo_loss": bound(targets.ppo_loss, "ppo_loss"),
-        "estimator": importlib.import_module(targets.core_algos).ADV_ESTIMATOR_REGISTRY.get("synapo"),
-        "engines": dict(importlib.import_module(targets.engine).EngineRegistry._engines["value_model"]["fsdp2"]),
-    }
+    rows, tested = patches.rows_for(patches.verl_version())
+    assert tested
+    out = {}
+    for row in rows:
+        try:
+            module = importlib.import_module(row.module)
+        except ImportError:
+            assert row.optional, row.name
+            continue
+        out[row.name] = patches._lookup(module, row.attribute)[2]
+    core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
+    out["estimator"] = core_algos.ADV_ESTIMATOR_REGISTRY.get("synapo")
+    engines = importlib.import_module("verl.workers.engine").EngineRegistry._engines["value_model"]
+    out["engines"] = {k: dict(v) for k, v in engines.items()}
+    return rows, out
 
 
 def test_apply_is_idempotent_and_revert_restores_stock_verl():
     _targets()  # import every target module, so every patch is live
-    patched = _targets()
+    rows, patched = _targets()
+    replaced = [row for row in rows if row.wrapper is not None and not row.register and row.name in patched]
     assert patched["estimator"] is not None
-    for key in ("need_critic", "compute_advantage", "trainer", "ppo_loss"):
-        assert patched[key] and all(getattr(f, "__synapo_wraps__", None) is not None for f in patched[key]), key
-    assert patched["value_loss"].__module__ == "synapo_ext.verl.critic"
+    for row in replaced:
+        value = patched[row.name]
+        assert getattr(value, "__synapo_wraps__", None) is not None or value.__module__.startswith("synapo_ext"), row
     patches.apply_synapo_to_verl()  # again: nothing changes
-    assert _targets() == patched
+    assert _targets()[1] == patched
     patches.revert_synapo_to_verl()
     try:
-        stock = _targets()
+        _, stock = _targets()
         assert stock["estimator"] is None
-        assert stock["value_loss"].__module__ == "verl.workers.utils.losses"
-        for key in ("need_critic", "compute_advantage", "trainer", "ppo_loss"):
-            assert all(getattr(f, "__synapo_wraps__", None) is None for f in stock[key]), key
-        assert all(cls.__module__.startswith("verl.") for cls in stock["engines"].values())
+        for row in replaced:
+            value = stock[row.name]
+            assert getattr(value, "__synapo_wraps__", None) is None and value.__module__.startswith("verl."), row
+        assert all(c.__module__.startswith("verl.") for b in stock["engines"].values() for c in b.values())
         patches.revert_synapo_to_verl()  # twice: still stock
-        assert _targets() == stock
+        assert _targets()[1] == stock
     finally:
         patches.apply_synapo_to_verl()
-    again = _targets()
+    _, again = _targets()
     assert again["estimator"] is patched["estimator"]
     assert again["engines"].keys() == patched["engines"].keys()

@@ -10,12 +10,12 @@ pytest.importorskip("verl")
 pytest.importorskip("transfer_queue", reason="verl's V1 trainer needs TransferQueue (synapo-ext[verl] installs it)")
 
 from omegaconf import OmegaConf  # noqa: E402
-from synapo_ext.patches.verl import apply_synapo_to_verl, revert_synapo_to_verl  # noqa: E402
 from transfer_queue import KVBatchMeta  # noqa: E402
 from verl.trainer.ppo.v1 import trainer_base  # noqa: E402
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
 
 from synapo_ext.core import compute_synapo_advantages  # noqa: E402
+from synapo_ext.patches.verl import apply_synapo_to_verl, revert_synapo_to_verl  # noqa: E402
 from synapo_ext.verl.config import params_from_algorithm  # noqa: E402
 
 from .helpers import FakeTQ, algorithm_config, make_tokenizer, padded, rollout_batch  # noqa: E402
@@ -130,3 +130,46 @@ def test_v1_gae_unchanged_by_plugin(monkeypatch):
         assert with_plugin[key].keys() == without[key].keys()
         for name in ("advantages", "returns"):
             assert torch.equal(with_plugin[key][name], without[key][name])
+
+
+def test_advantage_step_traffic(monkeypatch):
+    """Beyond verl's own read and write: one read (SynAPO's inputs and the mask), one write, and one read of the
+    last written field (a small one; `values_global`, the field the store already holds, goes first)."""
+    tok = make_tokenizer()
+    batch = rollout_batch(tok, seed=3)
+    calls = {}
+    for estimator in ("gae", "synapo"):
+        fake = FakeTQ()
+        monkeypatch.setattr(trainer_base, "tq", fake)
+        algorithm = algorithm_config("synapo" if estimator == "synapo" else None)
+        algorithm.adv_estimator = estimator
+        make_trainer(algorithm, tok)._compute_advantage(load(fake, batch), {})
+        calls[estimator] = fake.calls
+    gae, synapo = calls["gae"], calls["synapo"]
+    assert [kind for kind, _ in gae] == ["get", "put"]
+    assert [kind for kind, _ in synapo] == ["get", "get", "put", "put", "get"]
+    assert synapo[1:3] == gae  # verl's own traffic, unchanged
+    ours = synapo[3][1]
+    assert ours[0] == "values_global" and synapo[4][1] == (ours[-1],)
+    assert ours[-1] in ("synapo_lm_weight", "synapo_scvl_sign", "synapo_scvl_diverge", "synapo_scvl_partner")
+
+
+def test_a_field_the_store_dropped_fails_the_step(tq, monkeypatch):
+    """TransferQueue logs a refused field and drops the metadata of it and every later one: the step's read-back
+    of the last field turns that into an error."""
+    tok = make_tokenizer()
+    batch = rollout_batch(tok, seed=2)
+    meta = load(tq, batch)
+    put = tq.kv_batch_put
+
+    def dropping_put(keys, partition_id=None, fields=None):
+        out = put(keys, partition_id, fields)
+        if "values_global" in fields.keys():  # the controller refused the first field: later ones are lost
+            for key in keys:
+                for name in list(fields.keys())[1:]:
+                    tq.store[key].pop(name, None)
+        return out
+
+    monkeypatch.setattr(tq, "kv_batch_put", dropping_put)
+    with pytest.raises(RuntimeError, match="did not take the advantage step's fields"):
+        make_trainer(algorithm_config("synapo"), tok)._compute_advantage(meta, {})

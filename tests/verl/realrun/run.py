@@ -135,11 +135,13 @@ def run(
     root: str | None = None,
     dump: str | None = None,
     timeout: float = 600,
+    fake_version: str | None = None,
 ) -> Run:
     """One stock verl run as a subprocess; `extra` hydra overrides win over the defaults above.
 
     `assets`: from `build_assets` (built under `root` if None); `dump`: SYNAPO_TEST_DUMP (engine weights at every
-    checkpoint save and load, see support.py).
+    checkpoint save and load, see support.py); `fake_version`: verl reports this version in every process
+    (`fake_version.py`).
     """
     root = root or tempfile.mkdtemp(prefix="synapo_verl_run_")
     os.makedirs(root, exist_ok=True)
@@ -149,6 +151,10 @@ def run(
     # Ray refuses a temp dir inside a virtualenv (nox points TMPDIR into the session's venv) and its workers then die
     # at start while the driver waits forever; a short path also keeps Ray's unix sockets under the 107-byte limit
     environ["RAY_TMPDIR"] = environ["TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    if fake_version:
+        environ["SYNAPO_TEST_VERL_VERSION"] = fake_version
+        modules = environ["VERL_USE_EXTERNAL_MODULES"]
+        environ["VERL_USE_EXTERNAL_MODULES"] = f"tests.verl.realrun.fake_version,{modules}"
     if dump:
         os.makedirs(dump, exist_ok=True)
         environ["SYNAPO_TEST_DUMP"] = dump

@@ -147,8 +147,9 @@ def _dump_engine_state(transformer_impl) -> None:
 
 
 def _install() -> None:
-    from synapo_ext.patches._hooks import when_imported
     from verl.utils import model as verl_model
+
+    from synapo_ext.patches._hooks import when_imported
 
     when_imported("verl.workers.engine_workers", _gloo_process_group)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _dump_engine_state)
