@@ -8,10 +8,10 @@ Field names never clash with TRL's `GRPOConfig` (e.g. its `beta` is the KL coeff
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from ._hparams import RULES, check_hparam, check_lambda_clip
 
 __all__ = ["PRESETS", "SynAPOParams", "params_from_preset"]
 
@@ -126,33 +126,9 @@ class SynAPOParams:
             self.hvm_delimiters = (
                 [self.hvm_delimiters] if isinstance(self.hvm_delimiters, str) else list(self.hvm_delimiters)
             )
-        # SynAPOParams' own annotations (strings): a subclass may widen a type, and argument parsers rewrite
-        # `Field.type` in place (HfArgumentParser strips `| None`)
-        for name, annotation in SynAPOParams.__annotations__.items():
-            try:
-                _check_type(name, getattr(self, name), annotation)
-            except (TypeError, ValueError) as exc:
-                exc.field = name
-                raise
-        for name, (low, high) in _RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise _bad(ValueError, name, f"`{name}` must be in [{low}, {high}], got {value!r}")
-        if not self.ea_gae_alpha > 0:
-            raise _bad(ValueError, "ea_gae_alpha", f"`ea_gae_alpha` must be > 0, got {self.ea_gae_alpha!r}")
-        if not self.clip_ratio_low < 1:
-            raise _bad(
-                ValueError,
-                "clip_ratio_low",
-                f"`clip_ratio_low` must be < 1 (the ratio's lower clip is 1 - it), got {self.clip_ratio_low}",
-            )
-        if not self.ea_gae_lambda_min <= self.ea_gae_lambda_max:
-            raise _bad(
-                ValueError,
-                "ea_gae_lambda_min",
-                "need `ea_gae_lambda_min` <= `ea_gae_lambda_max`, "
-                f"got {self.ea_gae_lambda_min} and {self.ea_gae_lambda_max}",
-            )
+        for name in RULES:  # each field by its rule (`_hparams`), the rule the public functions use too
+            check_hparam(name, getattr(self, name))
+        check_lambda_clip(self.ea_gae_lambda_min, self.ea_gae_lambda_max, ("ea_gae_lambda_min", "ea_gae_lambda_max"))
         if self.ea_gae_enabled and not self.length_adaptive_lambda:
             raise _bad(
                 ValueError,
@@ -177,65 +153,11 @@ class SynAPOParams:
         return dataclasses.asdict(self)
 
 
-# Closed ranges [low, high] of numeric fields (None-valued optional fields are skipped).
-_INF = math.inf
-_RANGES: dict[str, tuple[float, float]] = {
-    "gamma": (0.0, 1.0),
-    "gae_lambda": (0.0, 1.0),
-    "critic_lambda": (0.0, 1.0),
-    "ea_gae_alpha": (0.0, _INF),  # and > 0, checked apart
-    "ea_gae_lambda_min": (0.0, 1.0),
-    "ea_gae_lambda_max": (0.0, 1.0),
-    "hvm_global_lambda": (0.0, 1.0),
-    "hvm_global_weight": (0.0, _INF),
-    "hvm_min_len": (1, _INF),
-    "hvm_max_len": (1, _INF),
-    "hvm_fallback_len": (1, _INF),
-    "scvl_margin": (0.0, _INF),
-    "scvl_weight": (0.0, _INF),
-    "scvl_max_pairs": (1, _INF),
-    "value_warmup_steps": (0, _INF),
-    "clip_ratio_low": (0.0, _INF),
-    "clip_ratio_high": (0.0, _INF),
-    "positive_lm_coef": (0.0, _INF),
-    "value_warmup_target_ev": (-_INF, 1.0),
-    "value_warmup_patience": (1, _INF),
-    "value_warmup_min_delta": (0.0, 1.0),
-    "value_warmup_window": (1, _INF),
-}
-
-
 def _bad(kind: type[Exception], field: str, message: str) -> Exception:
     """`kind(message)` that also names the offending field in `.field` (hosts map it to their own key)."""
     exc = kind(message)
     exc.field = field
     return exc
-
-
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    """`value` against a field annotation: `float` (a finite real), `int`, `bool`, `list[str]`, each `| None`.
-
-    Booleans are refused as numbers and numbers (or strings such as "no") as booleans.
-    """
-    kinds = {part.strip() for part in annotation.split("|")}
-    if value is None:
-        if "None" in kinds:
-            return
-        raise TypeError(f"`{name}` must not be None (expected {annotation})")
-    if "bool" in kinds:
-        ok = isinstance(value, bool)
-    elif "int" in kinds:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    elif "float" in kinds:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
-            raise ValueError(f"`{name}` must be finite, got {value!r}")
-    elif "list[str]" in kinds:
-        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
-    else:  # a type this check does not know: left to the field's own rules
-        return
-    if not ok:
-        raise TypeError(f"`{name}` must be {annotation}, got {type(value).__name__} {value!r}")
 
 
 # Each preset lists only what differs from SynAPOParams' defaults (the full `synapo` method).

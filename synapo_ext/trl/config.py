@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import GRPOConfig
 
 from ..core import PRESETS, SynAPOParams, params_from_preset
+from ..core._hparams import RULES, Rule, check_hparam, check_value
 from ._spelling import RENAMED_CONFIG_KEYWORDS, unknown_keyword_message
 from .tree import TreeRolloutFields
 
@@ -38,6 +39,35 @@ CRITIC_SCHEDULERS = (
     "polynomial",
     "inverse_sqrt",
 )
+
+
+# The critic's settings and TRL's optimizer settings (the critic's AdamW uses the betas and epsilon too), each
+# refused at construction, or when assigned later, by its rule (`synapo_ext.core._hparams`).
+FIELD_RULES = {
+    "learning_rate": Rule("float", 0.0),
+    "weight_decay": Rule("float", 0.0),
+    "adam_beta1": Rule("float", 0.0, 1.0, high_open=True),
+    "adam_beta2": Rule("float", 0.0, 1.0, high_open=True),
+    "adam_epsilon": Rule("float", 0.0),
+    "critic_learning_rate": Rule("float", 0.0, low_open=True),
+    "critic_weight_decay": Rule("float", 0.0),
+    "critic_max_grad_norm": Rule("float", 0.0, optional=True, why=" or None (0 or None: clipping off)"),
+    "cliprange_value": Rule("float", 0.0, low_open=True, optional=True, why=" or None (None: no value clipping)"),
+    "critic_epochs": Rule("int", 1),
+    "critic_mini_batch_size": Rule("int", 1, optional=True),
+}
+
+
+def _check_field(name: str, value: Any) -> None:
+    """A `FIELD_RULES` field; a string for a number gets a hint (YAML 1.1 loaders read `1e-5` as a string)."""
+    try:
+        check_value(value, name, FIELD_RULES[name])
+    except TypeError as exc:
+        if isinstance(value, str):
+            raise TypeError(
+                f"{exc} (a YAML loader reads `1e-5` as a string: write `1.0e-5`, or convert with float())"
+            ) from None
+        raise
 
 
 def _help(text: str) -> dict[str, str]:
@@ -198,28 +228,13 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
         super().__post_init__()
         self.validate()  # SynAPOParams' checks, each naming its field
         self.validate_tree_rollouts()  # after TRL resolved steps_per_generation
+        self._built = True  # from here on, assignments are checked (`__setattr__`)
 
     def _validate_critic_fields(self) -> None:
-        """The critic's settings, each refused here (not after the first rollout) with its field's name."""
-        for name in ("critic_epochs", "critic_mini_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-        checks = (  # (name, may be None, lowest legal value, lowest is legal)
-            ("critic_learning_rate", False, 0.0, False),
-            ("critic_weight_decay", False, 0.0, True),
-            ("critic_max_grad_norm", True, 0.0, True),
-            ("cliprange_value", True, 0.0, False),
-        )
-        for name, optional, low, inclusive in checks:
-            value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
-            if value < low or (value == low and not inclusive):
-                expected = f">= {low}" if inclusive else f"> {low}"
-                raise ValueError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value}")
+        """The critic's settings and TRL's optimizer settings, each refused here (not when AdamW is built or after
+        the first rollout) with its field's name."""
+        for name in FIELD_RULES:
+            _check_field(name, getattr(self, name))
         if self.critic_lr_scheduler_type not in CRITIC_SCHEDULERS:
             raise ValueError(
                 f"`critic_lr_scheduler_type` must be one of {list(CRITIC_SCHEDULERS)} (schedulers that step "
@@ -242,6 +257,27 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
                 "raw values (`reward_weights`), which the critic learns to predict; a per-group normalisation of each "
                 "function would make the score group-relative"
             )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Once built, an assignment is checked as at construction: `preset` and `ppo_epochs` are refused (applied
+        when the config was built, assigning them would change nothing), a SynAPO, critic or optimizer field is
+        checked by its rule."""
+        if self.__dict__.get("_built", False):
+            if name == "preset":
+                raise AttributeError(
+                    f"`preset` cannot be changed after SynAPOConfig is built (it was applied then: assigning "
+                    f"{value!r} would change no setting); build a new one: SynAPOConfig(preset={value!r}, ...)"
+                )
+            if name == "ppo_epochs":
+                raise AttributeError(
+                    "`ppo_epochs` cannot be changed after SynAPOConfig is built (it set `num_iterations` then); "
+                    "assign `num_iterations` instead"
+                )
+            if name in RULES:
+                check_hparam(name, value)
+            elif name in FIELD_RULES:
+                _check_field(name, value)
+        super().__setattr__(name, value)
 
     def synapo_params(self) -> SynAPOParams:
         """The core's parameters (a plain `SynAPOParams`) as this config resolves them."""

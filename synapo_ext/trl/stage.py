@@ -12,6 +12,7 @@ on, uses the mean and variance of every process's valid tokens either way.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -19,11 +20,51 @@ from ..core import METRICS, SCVLSides, compute_synapo_advantages, masked_whiten
 from .critic import critic_values
 from .update import CriticBatch, critic_health, update_critic
 
-__all__ = ["LM_WEIGHT", "SynAPOStageMixin"]
+__all__ = ["LM_WEIGHT", "MAX_ABS_SCORE", "REWARDS_NONFINITE", "SynAPOStageMixin", "screen_rewards"]
+
+logger = logging.getLogger(__name__)
 
 LM_WEIGHT = "synapo_lm_weight"  # (B,) key of TRL's batch: the core's positive-LM weight of each row
+REWARDS_NONFINITE = "synapo/rewards_nonfinite"  # +-inf rewards of the batch, treated as missing (TRL only)
+# The critic regresses the score in float32: 0.5 * (V - G)^2 summed over up to 1e8 tokens stays below float32's
+# largest value (3.4e38) while |G| <= 1e15
+MAX_ABS_SCORE = 1e15
 # counts summed over processes (the rest of the core's metrics are averaged)
 COUNTS = (METRICS.scvl_pairs, METRICS.scvl_groups_mixed, METRICS.scvl_groups_skipped)
+
+
+def screen_rewards(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, names: list[str]
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """TRL's rewards `(B, F)` (one column per reward function, NaN for None) with +-inf made NaN: an infinite reward
+    is treated as a missing one (the row is scored by the other functions, or left unscored).
+
+    Args:
+        rewards_per_func: float (B, F), TRL's `_calculate_rewards` output.
+        weights: float (F,), TRL's `reward_weights`.
+        names: the F reward functions' names (TRL's `reward_func_names`).
+
+    Returns:
+        (the screened rewards, {name: number of +-inf rewards} for the functions that returned any).
+
+    Raises:
+        ValueError: a finite weighted reward beyond `MAX_ABS_SCORE` (the critic's float32 loss would overflow),
+            naming the reward function and the value.
+    """
+    infinite = torch.isinf(rewards_per_func)
+    counts = {name: int(n) for name, n in zip(names, infinite.sum(dim=0).tolist(), strict=True) if n}
+    if counts:
+        rewards_per_func = rewards_per_func.masked_fill(infinite, float("nan"))
+    weighted = (rewards_per_func * weights.to(rewards_per_func.device)).abs().nan_to_num(nan=0.0)
+    if weighted.numel() and bool((weighted > MAX_ABS_SCORE).any()):
+        row, column = divmod(int(weighted.argmax()), weighted.size(1))
+        raise ValueError(
+            f"reward function {names[column]!r} returned {float(rewards_per_func[row, column]):.6g} (weight "
+            f"{float(weights[column]):g}), beyond the largest score the critic can learn, |score| <= "
+            f"{MAX_ABS_SCORE:g}: the critic regresses scores in float32 and its loss 0.5 * (V - score)^2 summed over "
+            "the batch overflows to inf; scale this reward function (or its weight in `reward_weights`) down"
+        )
+    return rewards_per_func, counts
 
 
 class SynAPOStageMixin:

@@ -24,7 +24,7 @@ from .critic import build_critic
 from .critic_arch import wrap_critic_lora
 from .critic_weights import init_critic_meta, init_critic_zero3
 from .distributed import PreparedCritic, critic_backend, prepare_critic, zero_stage
-from .stage import LM_WEIGHT, SynAPOStageMixin
+from .stage import LM_WEIGHT, REWARDS_NONFINITE, SynAPOStageMixin, screen_rewards
 from .tree import TreeRolloutMixin
 from .warmup import ValueWarmupMixin
 
@@ -150,6 +150,7 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
         self._warmup_iterator = None
         self._capture_entropy = self._capture_logps = False
         self._rollout_entropy = self._kept_logps = self._rewards_per_func = None
+        self._warned_infinite: set[str] = set()  # reward functions already warned about for an infinite reward
 
     # --- set-up helpers ---------------------------------------------------------------------------------------
 
@@ -242,8 +243,27 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
     # --- rollout ----------------------------------------------------------------------------------------------
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._rewards_per_func
+        """TRL's rewards (every process's rows), kept raw for the stage, with +-inf treated as missing (NaN, as
+        None is): counted in `synapo/rewards_nonfinite`, and a WARNING naming the reward function the first time it
+        returns one. A finite reward too large for the critic's float32 loss is an error naming the function."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards, infinite = screen_rewards(rewards, self.reward_weights, self.reward_func_names)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][REWARDS_NONFINITE].append(float(sum(infinite.values())))
+        for name, count in infinite.items():
+            if name not in self._warned_infinite and self.accelerator.is_main_process:
+                logger.warning(
+                    "reward function %r returned %d infinite reward(s) in this batch: treated as missing (like None: "
+                    "the row is scored by the other reward functions, or left out and counted in %s); later ones are "
+                    "only counted, in %s",
+                    name,
+                    count,
+                    METRICS.rows_unscored,
+                    REWARDS_NONFINITE,
+                )
+            self._warned_infinite.add(name)
+        self._rewards_per_func = rewards
+        return rewards
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if self._capture_entropy:  # TRL's old-log-prob pass: ask it for the entropy too (same forward)

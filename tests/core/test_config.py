@@ -170,3 +170,12 @@ def test_validation_runs_again_on_replace():
 def test_positive_lm_threshold_is_its_own_field():
     p = SynAPOParams(scvl_threshold=0.9)
     assert (p.positive_lm_threshold, p.scvl_threshold) == (0.5, 0.9)
+
+
+def test_one_rule_per_field_whose_kind_is_the_annotation():
+    from synapo_ext.core._hparams import RULES
+
+    annotations = SynAPOParams.__annotations__
+    assert set(RULES) == {f.name for f in dataclasses.fields(SynAPOParams)}
+    for name, rule in RULES.items():
+        assert rule.annotation == annotations[name], name

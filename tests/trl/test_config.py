@@ -107,3 +107,58 @@ def test_critic_settings_that_are_legal():
     args = _config(critic_max_grad_norm=None, cliprange_value=None, critic_lr_scheduler_type="cosine")
     assert args.critic_max_grad_norm is None and args.critic_lr_scheduler_type == "cosine"
     assert _config(critic_max_grad_norm=0.0).critic_max_grad_norm == 0.0  # 0: clipping off
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(float("nan"), ValueError), (-1e-5, ValueError), (float("inf"), ValueError), ("1e-5", TypeError)],
+)
+def test_a_bad_learning_rate_is_refused_at_construction(value, error):
+    # used to pass, and AdamW refused it at the first step (NaN: trained with a NaN step size)
+    with pytest.raises(error, match="`learning_rate`"):
+        _config(learning_rate=value)
+
+
+def test_a_learning_rate_string_names_the_yaml_pitfall():
+    with pytest.raises(TypeError, match="YAML"):
+        _config(learning_rate="1e-5")
+
+
+@pytest.mark.parametrize(("name", "value"), [("adam_beta2", 1.0), ("adam_epsilon", -1.0), ("weight_decay", "0.1")])
+def test_other_optimizer_settings_the_critic_shares_are_checked(name, value):
+    with pytest.raises((TypeError, ValueError), match=f"`{name}`"):
+        _config(**{name: value})
+
+
+def test_assigning_the_preset_after_construction_is_refused():
+    args = _config(preset="synapo")
+    with pytest.raises(AttributeError, match="preset.*SynAPOConfig\\(preset='vapo'"):
+        args.preset = "vapo"  # used to be silently ignored: hvm_enabled etc. stayed the synapo preset's
+    assert args.preset == "synapo" and args.synapo_params() == params_from_preset("synapo")
+    with pytest.raises(AttributeError, match="num_iterations"):
+        args.ppo_epochs = 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("learning_rate", float("nan"), ValueError),
+        ("critic_learning_rate", -1.0, ValueError),
+        ("scvl_margin", float("nan"), ValueError),
+        ("hvm_enabled", "no", TypeError),
+    ],
+)
+def test_assignments_after_construction_are_checked(name, value, error):
+    args = _config()
+    with pytest.raises(error, match=f"`{name}`"):
+        setattr(args, name, value)
+
+
+def test_legal_assignments_after_construction_still_work():
+    import copy
+    import pickle
+
+    args = _config()
+    args.learning_rate, args.scvl_margin, args.num_iterations = 3e-4, 0.2, 2
+    assert (args.learning_rate, args.synapo_params().scvl_margin) == (3e-4, 0.2)
+    assert pickle.loads(pickle.dumps(args)).learning_rate == 3e-4 and copy.deepcopy(args).scvl_margin == 0.2

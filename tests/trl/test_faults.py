@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -15,7 +16,11 @@ pytest.importorskip("trl")
 from synapo_ext.core import METRICS, PRESETS  # noqa: E402
 from synapo_ext.trl.stage import LM_WEIGHT  # noqa: E402
 
+from .tiny import first_char_reward  # noqa: E402
+
 pytestmark = pytest.mark.trl
+
+REWARDS_NONFINITE = "synapo/rewards_nonfinite"  # the stage's count of +-inf rewards
 
 
 def _logged(trainer, name):
@@ -143,3 +148,42 @@ def test_masks_with_0_1_or_2_valid_tokens_never_crash_the_stage(rolled_out, data
     assert totals[METRICS.batches_skipped] == float(n < 2)
     assert trainer._critic_updates == updates + (mode == "train" and n == 2)
     assert all(math.isfinite(v) for v in {**means, **totals}.values())
+
+
+def test_infinite_rewards_are_treated_as_missing_counted_and_named(make_trainer, caplog):
+    def spiky(completions, **kwargs):  # rows 0 and 5 of every batch: +inf and -inf
+        return [
+            math.inf if i == 0 else -math.inf if i == 5 else float(c[:1].isdigit()) for i, c in enumerate(completions)
+        ]
+
+    trainer = make_trainer("synapo", reward_funcs=[spiky], value_warmup_steps=1, max_steps=1)
+    with caplog.at_level("WARNING", logger="synapo_ext.trl.trainer"):
+        trainer.train()  # used to raise: `rewards` holds 2 NaN/inf entries
+    warnings = [r.getMessage() for r in caplog.records if "infinite" in r.getMessage()]
+    assert len(warnings) == 1 and "'spiky' returned 2 infinite" in warnings[0]  # once per reward function
+    assert _logged(trainer, f"warmup/{REWARDS_NONFINITE}") == [2.0]
+    assert _logged(trainer, REWARDS_NONFINITE) == [2.0]
+    assert _logged(trainer, METRICS.rows_unscored) == [2.0]  # the two rows are left out, as with None
+    assert all(math.isfinite(v) for entry in trainer.state.log_history for v in entry.values())
+
+
+def test_an_infinite_reward_beside_a_finite_one_keeps_the_row_scored(make_trainer, rollout_inputs):
+    def inf_first(completions, **kwargs):
+        return [math.inf] * len(completions)
+
+    trainer = make_trainer("vapo", reward_funcs=[inf_first, first_char_reward])
+    trainer.model.train()
+    trainer._generate_and_score_completions(rollout_inputs(trainer))
+    assert trainer._rewards_per_func[:, 0].isnan().all()
+    assert trainer._metrics["train"][METRICS.rows_unscored] == [0.0]
+
+
+@pytest.mark.parametrize("value", [1e30, -1e30])
+def test_a_reward_too_large_for_the_critic_is_an_error_naming_the_function(make_trainer, value):
+    def huge(completions, **kwargs):
+        return [value if i == 2 else 0.0 for i in range(len(completions))]
+
+    trainer = make_trainer("synapo", reward_funcs=[first_char_reward, huge], value_warmup_steps=1)
+    # used to fail in the warm-up with "`loss` must be a finite number, got inf"
+    with pytest.raises(ValueError, match=rf"reward function 'huge' returned {re.escape(f'{value:g}')}.*float32"):
+        trainer.train()
