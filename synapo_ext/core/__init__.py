@@ -7,7 +7,14 @@ from .config import PRESETS, SynAPOParams, params_from_preset
 from .ea_gae import EA_GAE_EPS, ea_gae_lambda
 from .gae import compute_gae, masked_whiten
 from .hvm import HVMResult, hvm_advantages
-from .losses import hvm_critic_loss, positive_lm_loss, positive_lm_weights, value_loss
+from .losses import (
+    CriticObjective,
+    critic_objective,
+    hvm_critic_loss,
+    positive_lm_loss,
+    positive_lm_weights,
+    value_loss,
+)
 from .metrics import METRICS, MetricNames, explained_variance
 from .scan import reverse_linear_scan
 from .scvl import (
@@ -25,6 +32,7 @@ from .stage import SynAPOAdvantages, actor_lambda, compute_synapo_advantages
 from .tree import TreeAdvantages, compute_tree_advantages, tree_local_advantages, tree_node_values, tree_token_values
 
 __all__ = [
+    "CriticObjective",
     "EA_GAE_EPS",
     "METRICS",
     "PRESETS",
@@ -40,6 +48,7 @@ __all__ = [
     "compute_gae",
     "compute_synapo_advantages",
     "compute_tree_advantages",
+    "critic_objective",
     "ea_gae_lambda",
     "explained_variance",
     "hvm_advantages",

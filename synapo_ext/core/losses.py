@@ -1,20 +1,33 @@
-"""Losses: PPO's clipped value loss, HVM's two-head critic loss and VAPO's positive-example LM loss
-(docs/spec.md "HVM", "VAPO").
+"""Losses: PPO's clipped value loss, HVM's two-head critic loss, the whole critic objective both hosts minimise
+and VAPO's positive-example LM loss (docs/spec.md "HVM", "SCVL", "VAPO").
 
 value loss       = 0.5 * mean_t max((V - G)^2, (clip(V, V_old - c, V_old + c) - G)^2)
 HVM loss         = value loss(V_loc, local target; all valid tokens)
                  + value loss(V_glob, global target; segment starts s_k only)
+critic objective = scale * (0.5 * sum_t e_t / N_tok + 0.5 * sum_{s_k} e_k / N_start + w * sum_sides h / P)
+                   (e: the clipped squared error; h: SCVL's split hinge; N_tok, N_start, P, scale: from the host)
 positive LM loss = -sum_{b,t} w_b * log pi(y_bt) * m_bt / N,   w_b = coef * [score_b >= threshold],
                    N = sum_{b,t} [w_b > 0] * m_bt (the correct responses' tokens) unless the host gives N
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._checks import check_mask, check_same_shape, check_tensor
+from .metrics import METRICS
+from .scvl import SCVLSides, scvl_split_loss
 
-__all__ = ["hvm_critic_loss", "positive_lm_loss", "positive_lm_weights", "value_loss"]
+__all__ = [
+    "CriticObjective",
+    "critic_objective",
+    "hvm_critic_loss",
+    "positive_lm_loss",
+    "positive_lm_weights",
+    "value_loss",
+]
 
 
 def value_loss(
@@ -37,6 +50,18 @@ def value_loss(
     Returns:
         (loss, clipfrac), scalars; both 0 when `mask` selects nothing.
     """
+    return _value_loss(values, returns, mask, old_values, cliprange_value, None)
+
+
+def _value_loss(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    old_values: torch.Tensor | None,
+    cliprange_value: float | None,
+    num_tokens: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`value_loss` divided by `num_tokens` (None: `mask`'s own count); the clip fraction is over `mask`'s tokens."""
     mask = mask.to(values.dtype)
     count = mask.sum().clamp_min(1.0)
     losses = (values - returns).square()
@@ -48,7 +73,7 @@ def value_loss(
         clipped_losses = (clipped - returns).square()
         clipfrac = ((clipped_losses > losses).to(values.dtype) * mask).sum() / count
         losses = torch.maximum(losses, clipped_losses)
-    return 0.5 * (losses * mask).sum() / count, clipfrac.detach()
+    return 0.5 * (losses * mask).sum() / (count if num_tokens is None else num_tokens), clipfrac.detach()
 
 
 def hvm_critic_loss(
@@ -76,19 +101,133 @@ def hvm_critic_loss(
     Returns:
         (loss, metrics) with metrics `local_loss`, `global_loss`, `local_clipfrac`, `global_clipfrac`.
     """
-    local_loss, local_clipfrac = value_loss(
-        local_values, local_returns, response_mask, old_values=old_local_values, cliprange_value=cliprange_value
-    )
-    global_loss, global_clipfrac = value_loss(
-        global_values, global_returns, start_mask, old_values=old_global_values, cliprange_value=cliprange_value
+    out = critic_objective(
+        local_values,
+        local_returns,
+        response_mask,
+        old_values=old_local_values,
+        cliprange_value=cliprange_value,
+        global_values=global_values,
+        global_returns=global_returns,
+        start_mask=start_mask,
+        old_global_values=old_global_values,
     )
     metrics = {
-        "local_loss": local_loss.detach(),
-        "global_loss": global_loss.detach(),
-        "local_clipfrac": local_clipfrac,
-        "global_clipfrac": global_clipfrac,
+        "local_loss": out.metrics[METRICS.vf_loss],
+        "global_loss": out.metrics[METRICS.global_loss],
+        "local_clipfrac": out.metrics[METRICS.vf_clipfrac],
+        "global_clipfrac": out.metrics[METRICS.global_clipfrac],
     }
-    return local_loss + global_loss, metrics
+    return out.loss, metrics
+
+
+class CriticObjective(NamedTuple):
+    """`critic_objective`'s result: `loss`, the scalar to backpropagate; `metrics`, detached scalars keyed by
+    `METRICS` names (`vf_loss`, `vf_clipfrac`, with HVM `global_loss`, `global_clipfrac`, with SCVL `scvl_loss`)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def _count(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+        raise ValueError(f"`{name}` must be a finite number >= 0 or None, got {value!r}")
+    return value
+
+
+def critic_objective(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    old_values: torch.Tensor | None = None,
+    cliprange_value: float | None = None,
+    global_values: torch.Tensor | None = None,
+    global_returns: torch.Tensor | None = None,
+    start_mask: torch.Tensor | None = None,
+    old_global_values: torch.Tensor | None = None,
+    scvl_sides: SCVLSides | None = None,
+    scvl_weight: float = 0.0,
+    scvl_margin: float = 0.0,
+    num_tokens: float | None = None,
+    num_starts: float | None = None,
+    num_pairs: float | None = None,
+    scale: float = 1.0,
+) -> CriticObjective:
+    """The critic's whole loss on the rows a host holds, and the values it logs (docs/spec.md "Critic objective"):
+
+        loss = scale * (vf + global + scvl_weight * S)
+        vf     = 0.5 * sum_{valid t} max((V - G)^2, (clip(V, V_old - c, V_old + c) - G)^2) / num_tokens
+        global = the same on the global head over segment starts / num_starts                  (HVM, if given)
+        S      = sum over the sides given of SCVL's split hinge * (1 / num_pairs)             (SCVL, if given)
+
+    The normalisers are counts over the batch the host means: a host that splits its batch into micro-batches (or
+    processes) passes the whole batch's counts, as verl's `agg_loss` takes `batch_num_tokens`, and `scale` for the
+    gradient averaging of its wrapper (verl's `dp_size`); a host that normalises each call by itself leaves them None.
+    The metrics are the terms as added (scale included), so they sum over micro-batches like the loss:
+
+        vf_loss = scale * vf,  global_loss = scale * global,  scvl_loss = scale * S / 2
+
+    `scvl_loss` is SCVL's hinge, mean over pairs: both sides of a pair hold the hinge, so at the rollout-time weights
+    S / 2 is `scvl_loss`'s value on the joint pairs. The clip fractions are over this call's tokens (starts).
+
+    Args:
+        values: float (B, T), the single head's (or HVM's local head's) current values.
+        returns: float (B, T), its targets.
+        response_mask: 0/1 (B, T), the tokens that count.
+        old_values, cliprange_value: rollout-time values and PPO's value clip c (None: no clipping).
+        global_values, global_returns, start_mask, old_global_values: HVM's global head, (B, T) each (with
+            `start_mask` 0/1, the segment starts); all None without HVM.
+        scvl_sides: the SCVL pair sides whose row is in `values` (`rows` indexing `values`), or None without SCVL.
+        scvl_weight, scvl_margin: SCVL's weight w and hinge margin.
+        num_tokens: N_tok; None: `response_mask`'s valid tokens.
+        num_starts: N_start; None: `start_mask`'s starts.
+        num_pairs: P, the pairs the sides are a share of; None: half the sides given. 0: the SCVL term is 0.
+        scale: multiplies every term (> 0).
+
+    Returns:
+        CriticObjective(loss, metrics).
+
+    Raises:
+        TypeError, ValueError: naming the argument.
+    """
+    values = check_tensor(values, "values", ndim=2)
+    check_same_shape(check_tensor(returns, "returns"), "returns", values.shape, "values")
+    num_tokens = _count(num_tokens, "num_tokens")
+    num_starts = _count(num_starts, "num_starts")
+    num_pairs = _count(num_pairs, "num_pairs")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
+        raise ValueError(f"`scale` must be a finite number > 0, got {scale!r}")
+    hvm = (global_values, global_returns, start_mask)
+    if any(x is None for x in hvm) and any(x is not None for x in hvm):
+        raise ValueError("`global_values`, `global_returns` and `start_mask` go together (HVM): give all or none")
+
+    vf, vf_clipfrac = _value_loss(values, returns, response_mask, old_values, cliprange_value, num_tokens)
+    loss = vf
+    metrics = {METRICS.vf_loss: vf.detach(), METRICS.vf_clipfrac: vf_clipfrac}
+    if global_values is not None:
+        check_same_shape(global_values, "global_values", values.shape, "values")
+        glob, glob_clipfrac = _value_loss(
+            global_values, global_returns, start_mask, old_global_values, cliprange_value, num_starts
+        )
+        loss = loss + glob
+        metrics[METRICS.global_loss] = glob.detach()
+        metrics[METRICS.global_clipfrac] = glob_clipfrac
+    if scvl_sides is not None:
+        if num_pairs is None:
+            num_pairs = scvl_sides.rows.numel() / 2
+        hinge_sum = scvl_split_loss(values, *scvl_sides, margin=scvl_margin, num_pairs=1)
+        scvl = hinge_sum * (1 / num_pairs) if num_pairs > 0 else hinge_sum * 0.0
+        loss = loss + scvl_weight * scvl
+        metrics[METRICS.scvl_loss] = 0.5 * scale * scvl.detach()
+    if scale != 1:
+        loss = loss * scale
+        for name in (METRICS.vf_loss, METRICS.global_loss):
+            if name in metrics:
+                metrics[name] = metrics[name] * scale
+    return CriticObjective(loss, metrics)
 
 
 def positive_lm_weights(scores: torch.Tensor, *, coef: float, threshold: float) -> torch.Tensor:

@@ -29,11 +29,13 @@ class MetricNames:
         vf_loss: 0.5 * MSE (clipped) of the single head, or of the local head with HVM on.
         vf_clipfrac: fraction of tokens where value clipping was active (same head).
         global_loss, global_clipfrac: the same for HVM's global head (on segment starts).
-        scvl_loss: SCVL's hinge, mean over pairs (unweighted: the critic adds `scvl_weight` times it).
+        scvl_loss: SCVL's hinge, mean over pairs (unweighted: the critic adds `scvl_weight` times twice it, the
+            split form's sum over both sides of each pair; `critic_objective`).
         grad_norm, lr: the critic's gradient norm before clipping and its learning rate.
         explained_variance: `explained_variance(values, returns, mask)` of the rollout batch.
         values_mean, returns_mean: mean rollout-time value and critic target over valid tokens.
-        warmup_done: 1 once VAPO's value pretraining is over.
+        warmup_done: 0 on a batch of VAPO's value pretraining (warm-up), 1 once it is over.
+        warmup_batches: rollout batches so far that trained only the critic (warm-up), this one included.
     Actor:
         positive_lm_loss: the positive-example LM term added to the policy loss (coefficient included).
     Advantage stage (`compute_synapo_advantages`):
@@ -56,6 +58,7 @@ class MetricNames:
     values_mean: str = "critic/values/mean"
     returns_mean: str = "critic/returns/mean"
     warmup_done: str = "critic/warmup_done"
+    warmup_batches: str = "critic/warmup_batches"
     positive_lm_loss: str = "actor/synapo/positive_lm_loss"
     lambda_mean: str = "ea_gae/lambda_mean"
     lambda_min: str = "ea_gae/lambda_min"

@@ -186,7 +186,8 @@ class SynAPOStageMixin:
             )
         )
         self._critic_updates += 1
-        means[METRICS.warmup_done] = float(self._warmup_done)
+        means[METRICS.warmup_done] = float(self._warmup_finished)
+        means[METRICS.warmup_batches] = float(self._warmup_done + (not self._warmup_finished))  # this one included
         return means, totals
 
     def _core_stage(self, mask, rewards, values, entropy, completion_ids, scores, mode):

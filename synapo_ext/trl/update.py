@@ -1,6 +1,8 @@
 """The critic's update on one rollout batch: mini-batches of the core's critic losses, a raw optimizer step each.
 
-critic loss = value loss (single head) | HVM's two-head loss, + scvl_weight * SCVL (split form, docs/spec.md "SCVL")
+critic loss = the core's `critic_objective` on each mini-batch: value loss (single head, or HVM's two heads) +
+              scvl_weight * SCVL's split form, each term normalised by the mini-batch's own tokens / starts and SCVL by
+              the step's share of the pairs, P / (mini-batches per epoch): every step has the full-batch-mean scale
 
 Each step is `distributed.critic_step`: plain `loss.backward()` and a raw torch optimizer on purpose (an
 accelerate-prepared optimizer skips its step on non-sync micro-steps under gradient accumulation and silently freezes
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import METRICS, SCVLSides, SynAPOParams, explained_variance, hvm_critic_loss, scvl_split_loss, value_loss
+from ..core import METRICS, SCVLSides, SynAPOParams, critic_objective, explained_variance, value_loss
 from .critic import critic_values
 from .distributed import PreparedCritic, critic_step
 
@@ -62,23 +64,13 @@ def critic_health(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     }
 
 
-def _scvl_loss(values: torch.Tensor, batch: CriticBatch, rows: torch.Tensor, params: SynAPOParams, n_minibatches):
-    """The split hinge over the sides whose row is in this mini-batch, at a full-batch-mean scale per step."""
-    sides = batch.sides
-    position = torch.full((batch.response_mask.size(0),), -1, dtype=torch.long, device=rows.device)
+def _sides_in(sides: SCVLSides, rows: torch.Tensor, batch_size: int) -> SCVLSides:
+    """The sides whose row is in the mini-batch `rows`, re-indexed to the mini-batch's order."""
+    position = torch.full((batch_size,), -1, dtype=torch.long, device=rows.device)
     position[rows] = torch.arange(rows.numel(), device=rows.device)
     here = position[sides.rows] >= 0
-    hinge_sum = scvl_split_loss(
-        values,
-        position[sides.rows[here]],
-        sides.diverge_index[here],
-        sides.partner_values[here],
-        sides.is_positive[here],
-        margin=params.scvl_margin,
-        num_pairs=1,
-    )
-    # sum over this mini-batch's sides / P, times the number of mini-batches: a full-batch-mean scale per step
-    return hinge_sum * (n_minibatches / batch.num_pairs) if batch.num_pairs > 0 else hinge_sum * 0.0
+    return SCVLSides(position[sides.rows[here]], sides.diverge_index[here], sides.partner_values[here],
+                     sides.is_positive[here])  # fmt: skip
 
 
 def _minibatch_loss(
@@ -91,35 +83,24 @@ def _minibatch_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     T = batch.response_mask.size(1)
     values = critic_values(critic, batch.input_ids[rows], batch.attention_mask[rows], T)  # (b, T, H)
-    mask, old = batch.response_mask[rows], batch.old_values[rows]
-    if params.hvm_enabled:
-        loss, hvm = hvm_critic_loss(
-            values[..., 0],
-            values[..., 1],
-            batch.returns[rows],
-            batch.global_returns[rows],
-            mask,
-            batch.start_mask[rows],
-            old_local_values=old[..., 0],
-            old_global_values=old[..., 1],
-            cliprange_value=cliprange_value,
-        )
-        metrics = {
-            METRICS.vf_loss: hvm["local_loss"],
-            METRICS.vf_clipfrac: hvm["local_clipfrac"],
-            METRICS.global_loss: hvm["global_loss"],
-            METRICS.global_clipfrac: hvm["global_clipfrac"],
-        }
-    else:
-        loss, clipfrac = value_loss(
-            values[..., 0], batch.returns[rows], mask, old_values=old[..., 0], cliprange_value=cliprange_value
-        )
-        metrics = {METRICS.vf_loss: loss.detach(), METRICS.vf_clipfrac: clipfrac}
-    if batch.sides is not None:
-        scvl = _scvl_loss(values[..., 0], batch, rows, params, n_minibatches)
-        metrics[METRICS.scvl_loss] = 0.5 * scvl.detach()  # both sides of a pair hold the hinge: log the joint one
-        loss = loss + params.scvl_weight * scvl
-    return loss, metrics
+    old = batch.old_values[rows]
+    hvm = params.hvm_enabled
+    out = critic_objective(
+        values[..., 0],
+        batch.returns[rows],
+        batch.response_mask[rows],
+        old_values=old[..., 0],
+        cliprange_value=cliprange_value,
+        global_values=values[..., 1] if hvm else None,
+        global_returns=batch.global_returns[rows] if hvm else None,
+        start_mask=batch.start_mask[rows] if hvm else None,
+        old_global_values=old[..., 1] if hvm else None,
+        scvl_sides=None if batch.sides is None else _sides_in(batch.sides, rows, batch.response_mask.size(0)),
+        scvl_weight=params.scvl_weight,
+        scvl_margin=params.scvl_margin,
+        num_pairs=batch.num_pairs / n_minibatches,  # the step's share of P: a full-batch-mean scale per step
+    )
+    return out.loss, out.metrics
 
 
 def update_critic(

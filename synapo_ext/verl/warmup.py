@@ -60,6 +60,9 @@ def warmup_step(trainer: Any, ctx: StepContext, params: SynAPOParams, metrics: d
             trainer.config.trainer.critic_warmup = trainer.global_steps  # the actor moves from this step on
             in_warmup = False
     metrics[METRICS.warmup_done] = float(not in_warmup)
+    # verl trains only the critic on steps 1 .. critic_warmup - 1 (the actor moves once critic_warmup <= step)
+    last_warmup_step = trainer.config.trainer.critic_warmup - 1
+    metrics[METRICS.warmup_batches] = float(max(min(trainer.global_steps, last_warmup_step), 0))
 
 
 def _checkpoint_folder(trainer: Any, step: int, *, loaded: bool) -> str:

@@ -25,6 +25,11 @@ def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, rollout_inputs,
     assert [entry["warmup/step"] for entry in warmup] == [1.0, 2.0]
     for entry in warmup:
         assert {f"warmup/{METRICS.vf_loss}", f"warmup/{METRICS.explained_variance}", "warmup/reward"} <= set(entry)
+    # warmup_done is a 0/1 flag and warmup_batches a count, as on verl (tests/verl/test_warmup.py)
+    assert [entry[f"warmup/{METRICS.warmup_done}"] for entry in warmup] == [0.0, 0.0]
+    assert [entry[f"warmup/{METRICS.warmup_batches}"] for entry in warmup] == [1.0, 2.0]
+    assert trainer._metrics["train"][METRICS.warmup_done] == [1.0]
+    assert trainer._metrics["train"][METRICS.warmup_batches] == [2.0]
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     progress = [line for line in lines if line.startswith("SynAPO value warm-up ") and "explained variance" in line]
     assert [line.split()[3] for line in progress] == ["1/2", "2/2"], lines

@@ -45,15 +45,18 @@ def test_rule_ends_warmup_at_the_step_it_is_met(tmp_path):
     returns = torch.arange(8.0).reshape(2, 4)
     assert trainer.step(torch.zeros(2, 4), returns)[METRICS.warmup_done] == 0.0  # EV 0
     assert trainer.step(returns, returns)[METRICS.warmup_done] == 0.0  # window mean EV 0.5 < 0.6
-    assert trainer.step(returns, returns)[METRICS.warmup_done] == 1.0  # window mean 1.0
+    last = trainer.step(returns, returns)
+    assert last[METRICS.warmup_done] == 1.0  # window mean 1.0
     assert trainer.config.trainer.critic_warmup == 3  # verl moves the actor once critic_warmup <= step
+    assert last[METRICS.warmup_batches] == 2.0  # steps 1 and 2 trained only the critic
 
 
 def test_fixed_count_without_a_rule(tmp_path):
     trainer = Trainer(str(tmp_path))
     returns = torch.arange(8.0).reshape(2, 4)
-    assert all(trainer.step(returns, returns)[METRICS.warmup_done] == 0.0 for _ in range(10))
-    assert trainer.step(returns, returns)[METRICS.warmup_done] == 1.0
+    steps = [trainer.step(returns, returns) for _ in range(12)]
+    assert [m[METRICS.warmup_done] for m in steps] == [0.0] * 10 + [1.0] * 2
+    assert [m[METRICS.warmup_batches] for m in steps] == [float(s) for s in range(1, 11)] + [10.0, 10.0]
     assert trainer.config.trainer.critic_warmup == 11
 
 
