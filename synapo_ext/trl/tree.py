@@ -317,6 +317,8 @@ class TreeRolloutMixin:
         generated, leaf, ended_early, inner_nodes = self.accelerator.reduce(counts, "sum").tolist()
         self.rollout_token_counts["generated"] += int(generated)
         self.rollout_token_counts["leaf"] += int(leaf)
+        if self.args.rollout_tree_roots == 0:  # independent samples: counted, not logged (TRL logs their lengths)
+            return
         metrics = self._metrics["train"]
         metrics[TREE_METRICS["generated"]].append(generated)
         metrics[TREE_METRICS["leaf"]].append(leaf)
