@@ -29,7 +29,9 @@ def log_outcome_ev(trainer) -> None:
         out = own(returns, values, mask)
         scores = (trainer._rewards_per_func * trainer.reward_weights.to(trainer._rewards_per_func.device)).nansum(1)
         outcome = scores.to(values.device)[:, None].expand_as(values)
-        out["critic/ev_outcome"] = own(outcome, values, mask)["critic/vf_explained_var"]
+        ev = own(outcome, values, mask).get("critic/vf_explained_var")  # absent: undefined (constant outcome)
+        if ev is not None:
+            out["critic/ev_outcome"] = ev
         return out
 
     trainer._explained_variance = both

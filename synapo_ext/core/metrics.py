@@ -32,7 +32,8 @@ class MetricNames:
         scvl_loss: SCVL's hinge, mean over pairs (unweighted: the critic adds `scvl_weight` times twice it, the
             split form's sum over both sides of each pair; `critic_objective`).
         grad_norm, lr: the critic's gradient norm before clipping and its learning rate.
-        explained_variance: `explained_variance(values, returns, mask)` of the rollout batch.
+        explained_variance: `explained_variance(values, returns, mask)` of the rollout batch (left out of a batch's
+            log where it is undefined: returns without variance).
         values_mean, returns_mean: mean rollout-time value and critic target over valid tokens.
         warmup_done: 0 on a batch of VAPO's value pretraining (warm-up), 1 once it is over.
         warmup_batches: rollout batches so far that trained only the critic (warm-up), this one included.
@@ -80,9 +81,15 @@ class MetricNames:
 METRICS = MetricNames()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor | None:
     """1 - Var[G - V] / (Var[G] + 1e-5) over valid tokens (unbiased variances, float64): verl's
     `critic/vf_explained_var`. 1 is a perfect critic, 0 one that predicts the mean, < 0 worse.
+
+    Undefined (None) when the returns have no variance (every valid G equal, e.g. a batch whose rewards are all 0
+    and a critic at 0) or there are fewer than two valid tokens: the formula would say 1 (a perfect critic) or 0
+    with nothing to explain. verl's own metric says 1 there; the hosts here leave the metric out of that batch's log.
 
     Args:
         values: float (B, T), the critic's values V.
@@ -90,7 +97,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mas
         response_mask: 0/1 (B, T); rows with no valid token are allowed.
 
     Returns:
-        A float64 scalar tensor; 0 with fewer than two valid tokens.
+        A float64 scalar tensor, or None where it is undefined.
 
     Raises:
         TypeError, ValueError: naming the argument (shapes, NaN/inf, mask values).
@@ -105,5 +112,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mas
     residual = target - values[mask].double()
     check_finite(residual, "values")
     if target.numel() < 2:
-        return torch.zeros((), dtype=torch.float64, device=returns.device)
-    return 1.0 - residual.var() / (target.var() + EXPLAINED_VARIANCE_EPS)
+        return None
+    variance = target.var()
+    if variance == 0:
+        return None
+    return 1.0 - residual.var() / (variance + EXPLAINED_VARIANCE_EPS)

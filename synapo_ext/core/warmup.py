@@ -31,7 +31,7 @@ class WarmupDecision:
     step: int  # warm-up batches done, this one included
     stop: bool
     reason: str | None
-    ev_mean: float  # mean held-out explained variance over the window
+    ev_mean: float  # mean held-out explained variance over the window (its defined values; NaN if none)
     loss_mean: float  # mean held-out critic loss over the window
 
 
@@ -88,19 +88,27 @@ class ValueWarmupRule:
             window=params.value_warmup_window,
         )
 
-    def update(self, loss: float, explained_variance: float) -> WarmupDecision:
+    def update(self, loss: float, explained_variance: float | None) -> WarmupDecision:
         """Record one warm-up batch's held-out critic loss and explained variance; say whether to stop.
 
+        `explained_variance` None: undefined for this batch (`core.explained_variance`: returns without variance);
+        the batch counts for the loss and the cap, not for the explained-variance window (whose mean is then over
+        the defined ones among the last `window` batches, NaN while there is none, and the target test waits for
+        `window` of them).
+
         Raises:
-            ValueError: `loss` or `explained_variance` is not finite.
+            ValueError: `loss`, or `explained_variance` when given, is not finite.
         """
         for name, value in (("loss", loss), ("explained_variance", explained_variance)):
+            if value is None and name == "explained_variance":
+                continue
             if not (_is_number(value) and math.isfinite(value)):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}")
         self.step += 1
-        self._evs.append(float(explained_variance))
+        if explained_variance is not None:
+            self._evs.append(float(explained_variance))
         self._losses.append(float(loss))
-        ev_mean = sum(self._evs) / len(self._evs)
+        ev_mean = sum(self._evs) / len(self._evs) if self._evs else math.nan
         loss_mean = sum(self._losses) / len(self._losses)
         full = len(self._losses) == self.window
         reason = None
@@ -112,7 +120,7 @@ class ValueWarmupRule:
                 self._since_best += 1
                 if self._since_best >= self.patience:
                     reason = "plateau"
-        if full and self.target_ev is not None and ev_mean >= self.target_ev:
+        if len(self._evs) == self.window and self.target_ev is not None and ev_mean >= self.target_ev:
             reason = "target_ev"
         if reason is None and self.step >= self.max_steps:
             reason = "cap"

@@ -18,7 +18,7 @@ import torch
 
 from ..core import METRICS, SCVLSides, compute_synapo_advantages, masked_whiten
 from .critic import critic_values
-from .update import CriticBatch, critic_health, update_critic
+from .update import HELDOUT_VF_LOSS, CriticBatch, critic_health, update_critic
 
 __all__ = ["LM_WEIGHT", "MAX_ABS_SCORE", "REWARDS_NONFINITE", "SynAPOStageMixin", "screen_rewards"]
 
@@ -185,6 +185,8 @@ class SynAPOStageMixin:
                 backend=prepared.backend,
             )
         )
+        if means["critic/updates"] == 1:  # one step, on values not yet moved: its vf_loss is the held-out loss
+            means.pop(HELDOUT_VF_LOSS, None)  # one name per quantity
         self._critic_updates += 1
         means[METRICS.warmup_done] = float(self._warmup_finished)
         means[METRICS.warmup_batches] = float(self._warmup_done + (not self._warmup_finished))  # this one included

@@ -26,7 +26,7 @@ from .critic_weights import init_critic_meta, init_critic_zero3
 from .distributed import PreparedCritic, critic_backend, prepare_critic, zero_stage
 from .stage import LM_WEIGHT, REWARDS_NONFINITE, SynAPOStageMixin, screen_rewards
 from .tree import TreeRolloutMixin
-from .warmup import ValueWarmupMixin
+from .warmup import ValueWarmupMixin, follow_log_level
 
 __all__ = ["SynAPOTrainer"]
 
@@ -120,6 +120,7 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
             args = SynAPOConfig(f"{name.split('/')[-1]}-SynAPO")
         if not isinstance(args, SynAPOConfig):
             raise TypeError(f"`args` (or `config`) must be a SynAPOConfig, got {type(args).__name__}")
+        follow_log_level(args)
         # GRPOTrainer's first six parameters, in its order (the TRL release is checked on import, _compat.py)
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
         self.synapo = args.synapo_params()

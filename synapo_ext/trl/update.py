@@ -25,7 +25,9 @@ from .distributed import PreparedCritic, critic_step
 
 __all__ = ["HELDOUT_VF_LOSS", "CriticBatch", "critic_health", "update_critic"]
 
-HELDOUT_VF_LOSS = "critic/heldout_vf_loss"  # the value loss on a batch the critic has not trained on yet (TRL only)
+# the value loss on a batch the critic has not trained on yet (TRL only); not logged when the update is one step,
+# whose critic/vf_loss is this same number
+HELDOUT_VF_LOSS = "critic/heldout_vf_loss"
 
 
 @dataclass
@@ -50,18 +52,21 @@ class CriticBatch:
 
 def critic_health(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Held-out critic numbers on a fresh rollout batch (the critic has not trained on it yet): the core's
-    explained variance and value loss over `mask`'s tokens (head 0: the single head, or HVM's local head), the
-    mean value and target. Near-constant returns make Var(G) tiny and the explained variance very negative without
-    saying much. `returns`, `values`, `mask`: (B, T)."""
+    explained variance (left out where undefined) and value loss over `mask`'s tokens (head 0: the single head, or
+    HVM's local head), the mean value and target. Near-constant returns make Var(G) tiny and the explained variance
+    very negative without saying much. `returns`, `values`, `mask`: (B, T)."""
     m = mask.bool()
     if not m.any():
         return {}
-    return {
-        METRICS.explained_variance: float(explained_variance(values, returns, m)),
+    out = {
         HELDOUT_VF_LOSS: float(value_loss(values, returns, m)[0]),
         METRICS.values_mean: float(values[m].mean()),
         METRICS.returns_mean: float(returns[m].double().mean()),
     }
+    ev = explained_variance(values, returns, m)
+    if ev is not None:  # undefined (returns without variance): left out, not logged as the formula's 1.0
+        out[METRICS.explained_variance] = float(ev)
+    return out
 
 
 def _sides_in(sides: SCVLSides, rows: torch.Tensor, batch_size: int) -> SCVLSides:

@@ -1,9 +1,14 @@
 """The trainer's value warm-up (VAPO's value pretraining, arXiv 2504.05118 section 4.1): critic-only rollout batches
 before the first training step, until `synapo_ext.core.warmup.ValueWarmupRule` stops them.
 
-Each batch is one WARNING line (visible at the default verbosity: the critic's held-out loss and explained variance)
-and one `warmup/...` log entry; TRL's own rollout metrics of these batches (reward, lengths) go there too, so the
-first training step's metrics average that step's rollout only.
+Each batch is one INFO line (the critic's held-out loss and explained variance; shown with `log_level="info"`, see
+`SynAPOTrainer`) and one `warmup/...` log entry; TRL's own rollout metrics of these batches (reward, lengths) go there
+too, so the first training step's metrics average that step's rollout only.
+
+The step axis: warm-up batch k (1..N) is logged at global step k, so TensorBoard, W&B and every other reporter that
+plots against the global step draw each `warmup/...` entry as a curve over the warm-up; the global step is back to 0
+before training, whose entries then start at step 1 (other names, so no point of a curve is written twice).
+`warmup/step` holds the same k.
 """
 
 from __future__ import annotations
@@ -11,15 +16,16 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+from accelerate.logging import get_logger
 from transformers import Trainer
 
 from ..core import METRICS
 from ..core.warmup import ValueWarmupRule
 from .update import HELDOUT_VF_LOSS
 
-__all__ = ["ValueWarmupMixin"]
+__all__ = ["ValueWarmupMixin", "follow_log_level"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # as TRL's trainers log: the main process only
 
 _EV_NOTE = (
     " (explained variance far below 0: the returns are nearly constant, e.g. almost every reward equal, so their "
@@ -33,14 +39,35 @@ _STOP_REASONS = {
 }
 
 
+def follow_log_level(args) -> None:
+    """synapo_ext's loggers take `args.log_level` as transformers' take it (`log_level="info"` shows the warm-up's
+    progress lines; the default "passive" leaves Python's logging as it is). Where nothing would print them (neither
+    the root logger nor synapo_ext's has a handler), synapo_ext gets a stderr handler, as transformers' loggers have.
+    """
+    if args.log_level == "passive":
+        return
+    package = logging.getLogger("synapo_ext")
+    package.setLevel(args.get_process_log_level())
+    if not logging.getLogger().handlers and not package.handlers:
+        package.addHandler(logging.StreamHandler())
+        package.propagate = False  # a root handler added later would print each line twice
+
+
+def _heldout_loss(logs: dict[str, float]) -> float:
+    """The critic's loss on the batch before it trained on it: `critic/heldout_vf_loss`, or `critic/vf_loss` when the
+    update was one step (the stage logs the quantity once, under that name)."""
+    return logs.get(HELDOUT_VF_LOSS, logs[METRICS.vf_loss])
+
+
 class ValueWarmupMixin:
     """The value warm-up of `SynAPOTrainer` (it provides `synapo`, `_rollout`, `_synapo_stage`, `_reduce_metrics`,
     `_metrics`, `accelerator` and the `_warmup_*` / `_ev_explained` counters)."""
 
     def _value_warmup(self) -> None:
         """VAPO's value pretraining: critic-only rollout batches until `ValueWarmupRule` stops them (at most
-        `value_warmup_steps`). Its metrics go to their own log entries (`warmup/...`, one per batch), not into the
-        first training step's; each batch is also a WARNING line (critic loss, explained variance)."""
+        `value_warmup_steps`). Its metrics go to their own log entries (`warmup/...`, one per batch, at global step
+        k for batch k), not into the first training step's; each batch is also an INFO line (critic loss, explained
+        variance)."""
         rule = ValueWarmupRule.from_params(self.synapo)
         cap = self.synapo.value_warmup_steps
         while True:
@@ -56,7 +83,7 @@ class ValueWarmupMixin:
             if logs.get(METRICS.batches_skipped, 0.0) > 0:  # nothing to learn from: counts towards the cap only
                 decision = None
             else:
-                decision = rule.update(logs[HELDOUT_VF_LOSS], logs[METRICS.explained_variance])
+                decision = rule.update(_heldout_loss(logs), logs.get(METRICS.explained_variance))
             stop = (decision is not None and decision.stop) or self._warmup_done >= cap
             reason = decision.reason if decision is not None and decision.stop else "cap"
             self._warmup_line(logs, decision, reason if stop else None)
@@ -65,41 +92,45 @@ class ValueWarmupMixin:
         self._warmup_finished, self._warmup_stop_reason = True, reason
 
     def _warmup_line(self, logs: dict[str, float], decision, stop_reason: str | None) -> None:
-        """Log one warm-up batch: a `warmup/...` log entry and a WARNING line (visible at the default verbosity)."""
+        """Log one warm-up batch: a `warmup/...` log entry at global step `_warmup_done` and an INFO line."""
         cap = self.synapo.value_warmup_steps
         entry = {f"warmup/{name}": value for name, value in logs.items()}
         entry["warmup/step"] = float(self._warmup_done)
         if decision is not None:
-            entry["warmup/explained_variance_window_mean"] = decision.ev_mean
+            if decision.ev_mean == decision.ev_mean:  # NaN: no defined explained variance in the window yet
+                entry["warmup/explained_variance_window_mean"] = decision.ev_mean
             entry["warmup/heldout_vf_loss_window_mean"] = decision.loss_mean
-        Trainer.log(self, entry)  # transformers' log: TRL's would fold in the training step's metrics
-        if not self.accelerator.is_main_process:
-            return
+        step, self.state.global_step = self.state.global_step, self._warmup_done
+        try:
+            Trainer.log(self, entry)  # transformers' log: TRL's would fold in the training step's metrics
+        finally:
+            self.state.global_step = step
         if decision is None:
-            logger.warning(
+            logger.info(
                 "SynAPO value warm-up %d/%d: skipped, no row had a valid token and a score", self._warmup_done, cap
             )
         else:
-            logger.warning(
-                "SynAPO value warm-up %d/%d (critic only): held-out critic loss %.4g, explained variance %.3f "
-                "(window mean %.3f)%s",
+            ev = logs.get(METRICS.explained_variance)
+            logger.info(
+                "SynAPO value warm-up %d/%d (critic only): held-out critic loss %.4g, explained variance %s "
+                "(window mean %s)%s",
                 self._warmup_done,
                 cap,
-                logs[HELDOUT_VF_LOSS],
-                logs[METRICS.explained_variance],
-                decision.ev_mean,
-                self._explain_ev_once(logs[METRICS.explained_variance]),
+                _heldout_loss(logs),
+                "undefined (the returns have no variance)" if ev is None else f"{ev:.3f}",
+                "undefined" if decision.ev_mean != decision.ev_mean else f"{decision.ev_mean:.3f}",
+                self._explain_ev_once(ev),
             )
         if stop_reason is not None:
-            logger.warning(
+            logger.info(
                 "SynAPO value warm-up done after %d rollout batches (%s); policy training starts",
                 self._warmup_done,
                 _STOP_REASONS[stop_reason],
             )
 
-    def _explain_ev_once(self, explained_variance: float) -> str:
+    def _explain_ev_once(self, explained_variance: float | None) -> str:
         """`_EV_NOTE` the first time the explained variance is below -1, else ""."""
-        if explained_variance >= -1 or self._ev_explained:
+        if explained_variance is None or explained_variance >= -1 or self._ev_explained:
             return ""
         self._ev_explained = True
         return _EV_NOTE

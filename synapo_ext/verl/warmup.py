@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -48,12 +49,13 @@ def warmup_step(trainer: Any, ctx: StepContext, params: SynAPOParams, metrics: d
     in_warmup = trainer.config.trainer.critic_warmup > trainer.global_steps
     if in_warmup and _has_rule(params) and ctx.values is not None and bool(ctx.response_mask.any()):
         values, returns, mask = ctx.values.float(), ctx.result.returns.float(), ctx.response_mask
-        ev = float(explained_variance(values, returns, mask))
+        ev = explained_variance(values, returns, mask)  # None: undefined (returns without variance)
         loss = float(value_loss(values, returns, mask)[0])
-        decision = _rule(trainer, params).update(loss, ev)
+        decision = _rule(trainer, params).update(loss, None if ev is None else float(ev))
         logger.warning(
-            "synapo value warm-up %d/%d: held-out explained variance %.3f, critic loss %.4f (window means)%s",
-            decision.step, params.value_warmup_steps, decision.ev_mean, decision.loss_mean,
+            "synapo value warm-up %d/%d: held-out explained variance %s, critic loss %.4f (window means)%s",
+            decision.step, params.value_warmup_steps,
+            "undefined" if math.isnan(decision.ev_mean) else f"{decision.ev_mean:.3f}", decision.loss_mean,
             f"; done ({decision.reason})" if decision.stop else "",
         )  # fmt: skip
         if decision.stop:

@@ -40,8 +40,13 @@ def test_explained_variance_matches_verl_formula(gen):
 
 def test_explained_variance_degenerate_and_bad_input():
     one = torch.tensor([[1.0, 0.0]])
-    assert float(explained_variance(one, one, torch.tensor([[1, 0]]))) == 0.0
-    assert float(explained_variance(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3))) == 0.0
+    assert explained_variance(one, one, torch.tensor([[1, 0]])) is None  # one valid token
+    assert explained_variance(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3)) is None
+    # returns without variance (all-zero rewards, critic at 0): undefined, not the formula's 1.0
+    assert explained_variance(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)) is None
+    assert explained_variance(torch.randn(2, 3), torch.full((2, 3), 0.5), torch.ones(2, 3)) is None
+    tiny = torch.tensor([[0.0, 1e-3, 0.0]])  # some variance, however small: defined
+    assert explained_variance(torch.zeros(1, 3), tiny, torch.ones(1, 3)) is not None
     with pytest.raises(ValueError, match="returns"):
         explained_variance(torch.zeros(2, 3), torch.full((2, 3), float("nan")), torch.ones(2, 3))
     with pytest.raises(ValueError, match="values"):

@@ -96,3 +96,13 @@ def test_non_finite_measurements_are_refused():
     rule = ValueWarmupRule(max_steps=3)
     with pytest.raises(ValueError, match="explained_variance"):
         rule.update(1.0, math.nan)
+
+
+def test_an_undefined_explained_variance_counts_for_the_loss_and_the_cap_only():
+    rule = ValueWarmupRule(max_steps=4, target_ev=0.5, window=2)
+    first = rule.update(1.0, None)  # returns without variance
+    assert not first.stop and math.isnan(first.ev_mean) and first.loss_mean == 1.0
+    assert not rule.update(1.0, 0.9).stop  # one defined value: the window (2) is not full of them yet
+    assert rule.update(1.0, 0.9).reason == "target_ev"
+    capped = ValueWarmupRule(max_steps=2)
+    assert [capped.update(1.0, None).reason for _ in range(2)] == [None, "cap"]
