@@ -150,7 +150,9 @@ def train_critic(policy, data, returns, train: slice, test: slice, *, lr: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="chain", choices=["chain", "checked"], help="task_chain or task_checked")
+    parser.add_argument(
+        "--task", default="chain", choices=["chain", "checked", "hard"], help="task_chain, task_checked or task_hard"
+    )
     parser.add_argument("--train", type=int, default=4096, help="training rollouts (512 prompts x 8)")
     parser.add_argument("--test", type=int, default=1024, help="held-out rollouts (other prompts)")
     parser.add_argument("--epochs", type=int, default=2, help="critic passes over the training rollouts")
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [f"| positive control: critic on the noise-free target, after {s} steps (EV of that target) | "
                  f"{show(ev)} |" for s, ev in control_curve]  # fmt: skip
     pretrain_lines, gate_lines = [], []
-    if args.task == "checked":
+    if args.task in ("checked", "hard"):
         rows += checked_diagnosis(policy, data, returns, train, test, args, log)
         best_lookup = max(ev for name, ev in ceiling_ev.items() if name.startswith("lookup") and ev is not None)
         critic_ev = None

@@ -42,17 +42,48 @@ def welch_diff(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return d, t975(df) * math.sqrt(vx + vy)
 
 
-def samples_to(curve: list[dict], threshold: float) -> float | None:
-    """Samples at which the greedy curve first reaches `threshold` (linear between evaluations); None if never."""
+def samples_to(curve: list[dict], threshold: float, axis: str = "samples") -> float | None:
+    """Samples (or generated tokens, `axis="tokens"`) at which the greedy curve first reaches `threshold` (linear
+    between evaluations); None if never."""
     prev = None
     for point in curve:
         if point["greedy"] >= threshold:
             if prev is None or point["greedy"] == prev["greedy"]:
-                return float(point["samples"])
+                return float(point[axis])
             frac = (threshold - prev["greedy"]) / (point["greedy"] - prev["greedy"])
-            return prev["samples"] + frac * (point["samples"] - prev["samples"])
+            return prev[axis] + frac * (point[axis] - prev[axis])
         prev = point
     return None
+
+
+def has_tokens(run: dict) -> bool:
+    """Runs made before the benchmark counted generated tokens have no `tokens` on their curve."""
+    return all("tokens" in p for p in run["curve"])
+
+
+def greedy_at(curve: list[dict], x: float, axis: str = "tokens") -> float:
+    """The greedy curve at `x` samples or tokens (linear between evaluations, flat before the first and after the
+    last)."""
+    pts = [(p[axis], p["greedy"]) for p in curve]
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:], strict=True):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def equal_tokens_budget(runs: dict[str, list[dict]]) -> float | None:
+    """The largest generated-token count every run reached (the headline comparison's budget); None when a run has
+    no token count."""
+    flat = [r for rs in runs.values() for r in rs]
+    if not flat or not all(has_tokens(r) for r in flat):
+        return None
+    return float(min(r["curve"][-1]["tokens"] for r in flat))
+
+
+def mega(tokens: float) -> str:
+    return f"{tokens / 1e6:.2f}M"
 
 
 def critic_ev(runs: list[dict], key: str = "critic/vf_explained_var") -> str:
@@ -126,6 +157,7 @@ TITLES = {
     "chain": "# Learning benchmark: held-out accuracy on a 12-step chain with one sparse reward",
     "checked": "# Learning benchmark, checked task: credit assignment where a critic can learn the values",
 }
+TITLES["hard"] = "# Learning benchmark, hard task: six misconceptions, a task GRPO does not saturate"
 TASKS = {
     "chain": "Task (`benchmarks/task_chain.py`): 12 steps of invertible arithmetic mod 10, one step per blank-line "
     "segment, ~100 answer tokens; reward 1 iff the strict full format and the right final digit (chance "
@@ -143,6 +175,12 @@ TASKS = {
     "(`oracle_values.py`; their continuations are not counted in the budget, see the last column). Policy lr, batch "
     "and group size are the same for all methods; GRPO is TRL's `GRPOTrainer` with its defaults otherwise.",
 }
+TASKS["hard"] = (
+    "Task (`benchmarks/task_hard.py`): the checked task with six misconceptions instead of three, 0-4 risky "
+    "operations per prompt (P(0) = 0.1) and a warm start that does a risky step the misconceived way 80 % of the "
+    "time; reward 1 iff the whole worked chain is exactly right. Methods, value pre-training and the oracle arm as "
+    "on the checked task."
+)
 
 
 def write_report(a, key: str, header: list[str]) -> str:
@@ -167,7 +205,8 @@ def write_report(a, key: str, header: list[str]) -> str:
                 "critic warm-up rollouts included). "
                 if task == "chain"
                 else "the shared value pre-training's "
-                "rollouts not included: see 'value start'; the oracle's continuations not included either). "
+                "rollouts not included: see 'value start'; the oracle's continuations not included either; the "
+                "generated-token columns count all of them: every token a policy forward generated for the run). "
             )
             + f"Accuracy = greedy pass@1 on {n_eval} held-out prompts (strict format, final answer right), in %. "
             f"Intervals are 95 % t intervals over seeds; differences use Welch's interval. 'critic EV': median "
@@ -176,9 +215,10 @@ def write_report(a, key: str, header: list[str]) -> str:
             "how much of the return a critic can explain on this task).",
             "",
             f"| method | seeds | greedy acc at {budget // 2} | final greedy acc | exact chain | final T=1 acc | "
-            f"samples to {100 * a.threshold:.0f} % (reached) | final vs grpo | final vs synapo | "
-            "critic EV | min/run |" + (" critic EV vs outcome | value start |" if task != "chain" else ""),
-            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if task != "chain" else ""),
+            f"samples to {100 * a.threshold:.0f} % (reached) | generated tokens per run | tokens to "
+            f"{100 * a.threshold:.0f} % | final vs grpo | final vs synapo | critic EV | min/run |"
+            + (" critic EV vs outcome | value start |" if task != "chain" else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if task != "chain" else ""),
         ]
         finals = {m: [r["final_greedy"] for r in runs[m]] for m in order}
         noise = []
@@ -190,6 +230,11 @@ def write_report(a, key: str, header: list[str]) -> str:
             reach = [samples_to(r["curve"], a.threshold) for r in rs]
             hit = [x for x in reach if x is not None]
             to = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(rs)})" if hit else f"> {budget} (0/{len(rs)})"
+            tokens, tokens_to = "-", "-"
+            if all(has_tokens(r) for r in rs):
+                tokens = mega(sum(r["curve"][-1]["tokens"] for r in rs) / len(rs))
+                hit_t = [x for x in (samples_to(r["curve"], a.threshold, "tokens") for r in rs) if x is not None]
+                tokens_to = f"{mega(sum(hit_t) / len(hit_t))} ({len(hit_t)}/{len(rs)})" if hit_t else "never"
             cells = []
             for ref in ("grpo", "synapo"):
                 if ref == m or ref not in finals:
@@ -203,9 +248,10 @@ def write_report(a, key: str, header: list[str]) -> str:
             wall = sum(r["wall_s"] for r in rs) / len(rs) / 60
             lines.append(
                 f"| {m} | {len(rs)} | {fmt(*half_way)} | {fmt(*greedy)} | {fmt(*exact)} | {fmt(*t1)} | {to} "
-                f"| {cells[0]} | {cells[1]} | {critic_ev(rs)} | {wall:.1f} |"
+                f"| {tokens} | {tokens_to} | {cells[0]} | {cells[1]} | {critic_ev(rs)} | {wall:.1f} |"
                 + (f" {critic_ev(rs, 'critic/ev_outcome')} | {value_start(rs)} |" if task != "chain" else "")
             )
+        lines += equal_tokens_table(runs, order)
         inside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if ins})
         outside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if not ins})
         credit_rows = [(m, credit_shares(runs[m])) for m in order]
@@ -247,6 +293,34 @@ def write_report(a, key: str, header: list[str]) -> str:
     return path
 
 
+def equal_tokens_table(runs: dict[str, list[dict]], order: list[str]) -> list[str]:
+    """The headline: greedy accuracy of every method at the same number of generated tokens (the largest count
+    every run reached), with Welch intervals against grpo and synapo."""
+    budget = equal_tokens_budget(runs)
+    if budget is None:
+        return ["", "**At equal generated tokens**: not available (runs made before the benchmark counted tokens)."]
+    at = {m: [greedy_at(r["curve"], budget) for r in runs[m]] for m in order}
+    lines = [
+        "",
+        f"**At equal generated tokens** (the headline): greedy accuracy at {mega(budget)} generated tokens, the "
+        "largest count every run reached (training rollouts, value pre-training rollouts and Monte-Carlo "
+        "continuations all counted; the held-out evaluations are not), in %.",
+        "",
+        f"| method | seeds | greedy at {mega(budget)} tokens | vs grpo | vs synapo |",
+        "|---|---|---|---|---|",
+    ]
+    for m in order:
+        cells = []
+        for ref in ("grpo", "synapo"):
+            if ref == m or ref not in at:
+                cells.append("")
+                continue
+            d, half = welch_diff(at[m], at[ref])
+            cells.append(fmt(d, half) + (" (noise)" if math.isnan(half) or abs(d) <= half else ""))
+        lines.append(f"| {m} | {len(at[m])} | {fmt(*mean_ci(at[m]))} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def _grid(runs: list[dict], step: int, budget: int) -> tuple[list[int], list[list[float]]]:
     """Each run's greedy curve interpolated onto 0, step, 2*step, ..., budget."""
     xs = list(range(0, budget + 1, step))
@@ -273,7 +347,8 @@ def plot_curves(runs: dict[str, list[dict]], order: list[str], a, path: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    with_tokens = all(has_tokens(r) for rs in runs.values() for r in rs)
+    fig, axes = plt.subplots(1, 3 if with_tokens else 2, figsize=(19.5 if with_tokens else 13, 4.8))
     for i, m in enumerate(order):
         color = plt.cm.tab10(i % 10)
         xs, ys = _grid(runs[m], a.eval_every, a.samples)
@@ -299,6 +374,14 @@ def plot_curves(runs: dict[str, list[dict]], order: list[str], a, path: str) -> 
             offset = runs[m][0].get("warmup_samples", 0)  # critic warm-up rollouts come first
             xs_reward = [offset + a.batch * (j + 1) for j in range(n)]
             axes[1].plot(xs_reward, [100 * s for s in smooth], color=color, label=m)
+        if with_tokens:  # each seed's curve against its own generated tokens, and the mean on a shared grid
+            top = min(r["curve"][-1]["tokens"] for r in runs[m])
+            grid = [top * j / 40 for j in range(41)]
+            for r in runs[m]:
+                axes[2].plot([p["tokens"] / 1e6 for p in r["curve"]], [100 * p["greedy"] for p in r["curve"]],
+                             color=color, lw=0.5, alpha=0.5)  # fmt: skip
+            mean_t = [100 * sum(greedy_at(r["curve"], x) for r in runs[m]) / len(runs[m]) for x in grid]
+            axes[2].plot([x / 1e6 for x in grid], mean_t, color=color, label=m)
     axes[0].axhline(100 * a.threshold, color="grey", ls=":", lw=1)
     axes[0].set(
         xlabel="samples seen (generated completions)",
@@ -310,6 +393,13 @@ def plot_curves(runs: dict[str, list[dict]], order: list[str], a, path: str) -> 
         ylabel="training reward at T=1 (%)",
         title="Training reward (mean over seeds, smoothed)",
     )
+    if with_tokens:
+        axes[2].axhline(100 * a.threshold, color="grey", ls=":", lw=1)
+        axes[2].set(
+            xlabel="generated tokens (millions: rollouts, value pre-training, Monte-Carlo continuations)",
+            ylabel="held-out greedy accuracy (%)",
+            title="Held-out accuracy against generated tokens (mean; thin: each seed)",
+        )
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -294,17 +294,30 @@ def run_one(a, method: str, seed: int) -> dict:
     model, tokenizer = load_policy(path)
     eval_prompts = task.held_out_prompts(cfg)[: a.eval_prompts]
     eos = tokenizer.eos_token_id
-    seen = {"samples": 0}
+    seen = {"samples": 0, "tokens": 0}  # training rollouts: completions and their generated tokens (eos included)
+    run = {"trainer": None, "pretrain_tokens": 0}
 
     def chain_reward(prompts, completions, completion_ids, **kwargs):
         """1 iff the strict full format with the right final answer, ended by eos (task_chain.score)."""
         seen["samples"] += len(completions)
+        seen["tokens"] += sum(len(ids) for ids in completion_ids)
         return [
             task.score(p, c, bool(ids) and ids[-1] == eos)
             for p, c, ids in zip(prompts, completions, completion_ids, strict=True)
         ]
 
     curve, history = [], defaultdict(list)
+
+    def generated_tokens() -> dict[str, int]:
+        """Every token a policy forward generated for this run so far: training rollouts, the value
+        pre-training's rollouts (shared by the runs, counted in each), Monte-Carlo continuations (oracle arm)."""
+        critic = getattr(run["trainer"], "critic", None)
+        parts = {
+            "rollouts": seen["tokens"],
+            "pretrain": run["pretrain_tokens"],
+            "oracle": getattr(critic, "generated_tokens", 0),
+        }
+        return {"total": sum(parts.values()), **parts}
 
     def evaluate(step: int) -> None:
         acc, exact = greedy_accuracy(model, tokenizer, eval_prompts, cfg, task)
@@ -313,6 +326,7 @@ def run_one(a, method: str, seed: int) -> dict:
         curve.append(
             {
                 "samples": seen["samples"],
+                "tokens": generated_tokens()["total"],
                 "step": step,
                 "greedy": acc,
                 "greedy_exact": exact,
@@ -326,7 +340,8 @@ def run_one(a, method: str, seed: int) -> dict:
             if k in recent
         )
         print(
-            f"{tag} samples {seen['samples']:6d}/{a.samples}  step {step:4d}  greedy {acc:.3f} "
+            f"{tag} samples {seen['samples']:6d}/{a.samples}  tokens {curve[-1]['tokens']:8d}  step {step:4d}  "
+            f"greedy {acc:.3f} "
             f"(exact chain {exact:.3f})  {shown}  {time.perf_counter() - wall0:.0f}s",
             flush=True,
         )
@@ -349,10 +364,10 @@ def run_one(a, method: str, seed: int) -> dict:
                 control.should_training_stop = True
 
     print(f"{tag} start: warm start {os.path.basename(path)}, budget {a.samples} samples", flush=True)
-    evaluate(0)
     critic, pretrain = None, None
     if uses_pretrain(a, method):
         critic, pretrain = pretrained_critic(a, method, model, tokenizer, log=lambda m: print(tag, m, flush=True))
+        run["pretrain_tokens"] = pretrain["generated_tokens"]
         print(
             f"{tag} value pre-training (shared, outside the budget): {pretrain['rollouts']} rollouts, "
             f"{pretrain['steps']} critic steps, held-out EV {pretrain['final_ev']} ({pretrain['stopped']})",
@@ -360,9 +375,11 @@ def run_one(a, method: str, seed: int) -> dict:
         )
     elif method.endswith("-oracle"):
         critic = oracle_critic(a, method, seed, model, tokenizer)
+    evaluate(0)  # the start of the curve: after the value pre-training's tokens
     dataset = task.rl_dataset(cfg, n=a.samples // a.num_generations + 64, seed=seed)
     output_dir = os.path.join(a.cache_dir, "trainer_out", f"{method}_s{seed}")
     trainer = build_trainer(a, method, seed, model, tokenizer, chain_reward, dataset, output_dir, critic=critic)
+    run["trainer"] = trainer
     if method != "grpo":
         log_outcome_ev(trainer)
     trainer.remove_callback(PrinterCallback)  # TRL's raw log dicts: our progress lines instead
@@ -386,6 +403,7 @@ def run_one(a, method: str, seed: int) -> dict:
         "final_greedy": curve[-1]["greedy"],
         "final_t1": t1,
         "samples": seen["samples"],
+        "generated_tokens": generated_tokens(),
         "steps": trainer.state.global_step,
         "warmup_samples": seen["samples"] - trainer.state.global_step * a.batch,
         "synapo_params": dataclasses.asdict(trainer.synapo) if hasattr(trainer, "synapo") else None,

@@ -70,6 +70,7 @@ class MCOracleCritic(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self.cache: dict[tuple, torch.Tensor] = {}
         self.generated = 0  # continuations sampled so far
+        self.generated_tokens = 0  # their generated tokens (eos included, no padding)
         self.estimated = 0  # distinct live prefixes estimated so far
         self.config = SimpleNamespace(num_labels=num_heads)
 
@@ -153,6 +154,8 @@ class MCOracleCritic(nn.Module):
         self.estimated += len(prefixes)
         scores = []
         for i, row in enumerate(gen.tolist()):
+            new = row[ids.size(1) :]  # this continuation's tokens (generate pads after eos)
+            self.generated_tokens += new.index(eos) + 1 if eos in new else len(new)
             completion = row[P:]
             ended = eos in completion
             completion = completion[: completion.index(eos)] if ended else completion

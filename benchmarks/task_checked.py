@@ -72,12 +72,34 @@ class TaskConfig:
     sft_lr: float = 1e-3
 
 
-def make_prompt(rng: random.Random, num_steps: int, risky_probs=TaskConfig.risky_probs):
-    """(prompt, start, ops): `num_steps` operations, of which 0-3 (drawn from `risky_probs`) are risky."""
+def bugs_of(cfg) -> dict:
+    """The task's misconceptions {(op, k): wrong step}: `cfg.misconceptions` where the config has them (the hard
+    task), else task_chain's three."""
+    return misconception_table(cfg.misconceptions) if hasattr(cfg, "misconceptions") else BUGS
+
+
+def misconception_table(misconceptions: tuple[str, ...]) -> dict:
+    """{(op, k): v -> wrong result} from entries like ``"*7>*3"`` (``*7`` done as ``*3``)."""
+    table = {}
+    for entry in misconceptions:
+        (op, k), (wrong_op, wrong_k) = ((m[0], int(m[1])) for m in entry.split(">"))
+        table[(op, k)] = lambda v, o=wrong_op, w=wrong_k: apply(o, w, v)
+    return table
+
+
+def name_of(cfg) -> str:
+    """The task's name (seeds of its prompt streams, cache keys): `cfg.name` where the config has one."""
+    return getattr(cfg, "name", NAME)
+
+
+def make_prompt(rng: random.Random, num_steps: int, risky_probs=TaskConfig.risky_probs, bugs: dict = BUGS):
+    """(prompt, start, ops): `num_steps` operations, of which 0-3 (drawn from `risky_probs`) are risky (in
+    `bugs`)."""
+    risky, safe = sorted(bugs), [op for op in OPS if op not in bugs]  # RISKY, SAFE for task_chain's BUGS
     start = rng.randrange(10)
     n_risky = rng.choices(range(len(risky_probs)), weights=risky_probs)[0]
     where = set(rng.sample(range(num_steps), n_risky))
-    ops = [rng.choice(RISKY) if i in where else rng.choice(SAFE) for i in range(num_steps)]
+    ops = [rng.choice(risky) if i in where else rng.choice(safe) for i in range(num_steps)]
     prompt = str(start) + "".join(f"{LABELS[i]}{op}{k}" for i, (op, k) in enumerate(ops)) + "\n"
     return prompt, start, ops
 
@@ -87,9 +109,11 @@ def trace(start: int, ops: list[tuple[str, int]], rng: random.Random | None = No
     if rng is None:
         return write_trace(start, ops)
 
+    bugs = bugs_of(cfg)
+
     def step(op: str, k: int, value: int) -> int:
-        if (op, k) in BUGS:  # a risky step: misconceived with probability bug_rate, never noisy
-            return BUGS[(op, k)](value) if rng.random() < cfg.bug_rate else apply(op, k, value)
+        if (op, k) in bugs:  # a risky step: misconceived with probability bug_rate, never noisy
+            return bugs[(op, k)](value) if rng.random() < cfg.bug_rate else apply(op, k, value)
         result = apply(op, k, value)
         return wrong_digit(rng, result) if rng.random() < cfg.noise else result
 
@@ -123,11 +147,11 @@ def dead_prefix(prompt: str, completion_prefix: str) -> bool:
 
 
 def held_out_prompts(cfg: TaskConfig) -> list[str]:
-    rng = random.Random(f"{NAME}-eval-{cfg.data_seed}")
+    rng = random.Random(f"{name_of(cfg)}-eval-{cfg.data_seed}")
     prompts: list[str] = []
     seen: set[str] = set()
     while len(prompts) < cfg.num_eval:
-        prompt = make_prompt(rng, cfg.num_steps, cfg.risky_probs)[0]
+        prompt = make_prompt(rng, cfg.num_steps, cfg.risky_probs, bugs_of(cfg))[0]
         if prompt not in seen:
             seen.add(prompt)
             prompts.append(prompt)
@@ -135,10 +159,10 @@ def held_out_prompts(cfg: TaskConfig) -> list[str]:
 
 
 def train_prompts(cfg: TaskConfig, n: int, seed: int, exclude: set[str]) -> list[tuple[str, int, list]]:
-    rng = random.Random(f"{NAME}-train-{seed}")
+    rng = random.Random(f"{name_of(cfg)}-train-{seed}")
     out = []
     while len(out) < n:
-        item = make_prompt(rng, cfg.num_steps, cfg.risky_probs)
+        item = make_prompt(rng, cfg.num_steps, cfg.risky_probs, bugs_of(cfg))
         if item[0] not in exclude:
             out.append(item)
     return out
@@ -160,14 +184,14 @@ def accuracy(model, tokenizer, prompts, cfg: TaskConfig, temperature: float = 0.
 # --- the value's true features (for the critic probe) --------------------------------------------------------------
 
 
-def true_features(prompts: list[str], tokens: list[list[str]]) -> dict[str, torch.Tensor]:
+def true_features(prompts: list[str], tokens: list[list[str]], bugs: dict = BUGS) -> dict[str, torch.Tensor]:
     """Per completion token t (the state before it): a wrong step already written (0/1), the step index, and the
     risky steps whose result is not written yet. `tokens`: each completion's token strings, padded to one length."""
     N, T = len(tokens), len(tokens[0])
     wrong_before, step, risky_left = (torch.zeros(N, T, dtype=torch.long) for _ in range(3))
     for n in range(N):  # a diagnostic on a few thousand rollouts, not a hot path
         start, ops = parse_prompt(prompts[n])
-        risky = [op in BUGS for op in ops]
+        risky = [op in bugs for op in ops]
         text, wrong, k, written = "", False, 0, 0  # written: step results written so far
         for t, token in enumerate(tokens[n]):
             wrong_before[n, t], step[n, t] = int(wrong), k
@@ -186,14 +210,15 @@ def true_features(prompts: list[str], tokens: list[list[str]]) -> dict[str, torc
 
 
 def cache_key(cfg: TaskConfig, seed: int) -> str:
-    blob = json.dumps({"task": NAME, "cfg": asdict(cfg), "seed": seed, "v": 1}, sort_keys=True)
+    blob = json.dumps({"task": name_of(cfg), "cfg": asdict(cfg), "seed": seed, "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def warm_start(cfg: TaskConfig, seed: int, cache_dir: str, log=print) -> str:
     """Path of the warm-start policy (supervised on imperfect traces), trained once per (config, seed) and cached."""
-    path = os.path.join(cache_dir, f"warm_start_{NAME}_{cache_key(cfg, seed)}_s{seed}")
+    name, bugs = name_of(cfg), bugs_of(cfg)
+    path = os.path.join(cache_dir, f"warm_start_{name}_{cache_key(cfg, seed)}_s{seed}")
     return fit_warm_start(
-        path, cfg, seed, draw=lambda rng: make_prompt(rng, cfg.num_steps, cfg.risky_probs), trace=trace,
-        held_out=held_out_prompts, rng_name=f"{NAME}-sft-{seed}", log_name=f"{NAME} s{seed}", log=log,
+        path, cfg, seed, draw=lambda rng: make_prompt(rng, cfg.num_steps, cfg.risky_probs, bugs), trace=trace,
+        held_out=held_out_prompts, rng_name=f"{name}-sft-{seed}", log_name=f"{name} s{seed}", log=log,
     )  # fmt: skip

@@ -202,6 +202,8 @@ def pretrain_critic(policy, tokenizer, task, cfg, prompts: list[str], s: Pretrai
             if since_best >= s.patience:
                 reason = "plateau"
                 break
-    info = {"settings": asdict(s), "curve": curve, "rollouts": used, "steps": steps, "stopped": reason,
-            "final_ev": curve[-1]["ev"] if curve else None, "seconds": time.perf_counter() - start}  # fmt: skip
+    tokens = int(held["mask"].sum()) + sum(int(part["mask"].sum()) for part in pool)  # eos included, no padding
+    info = {"settings": asdict(s), "curve": curve, "rollouts": used, "generated_tokens": tokens, "steps": steps,
+            "stopped": reason, "final_ev": curve[-1]["ev"] if curve else None,
+            "seconds": time.perf_counter() - start}  # fmt: skip
     return critic, info

@@ -153,7 +153,62 @@ def test_learning_checked_quick_end_to_end_and_resume(tmp_path, capfd):
     assert run["value_pretrain"]["rollouts"] > 0 and run["curve"][0]["samples"] == 0 and run["samples"] >= 96
     with open(tmp_path / "out" / "runs" / "synapo-oracle_s0.json") as f:
         assert json.load(f)["oracle"]["continuations"] >= 0
+    # generated tokens: every part counted, the curve's x axis grows with them, the report compares at equal tokens
+    for method in ("grpo", "synapo", "synapo-oracle"):
+        with open(tmp_path / "out" / "runs" / f"{method}_s0.json") as f:
+            run = json.load(f)
+        tokens, xs = run["generated_tokens"], [p["tokens"] for p in run["curve"]]
+        assert tokens["total"] == tokens["rollouts"] + tokens["pretrain"] + tokens["oracle"] == xs[-1]
+        assert xs == sorted(xs) and run["samples"] <= tokens["rollouts"] <= run["samples"] * 106  # 1..106 a sample
+        assert (tokens["pretrain"] > 0) == (method == "synapo") and (tokens["oracle"] > 0) == method.endswith("oracle")
+        assert xs[0] == tokens["pretrain"]  # the curve starts after the value pre-training
     report = (tmp_path / "out" / "learning.md").read_text()
     assert "checked task" in report and "| synapo-oracle | 1 |" in report
+    assert "**At equal generated tokens**" in report and "tokens to 80 %" in report
     assert learning.main(argv) == 0  # resume: nothing left to run
     assert "3 finished run(s) skipped, 0 to run" in capfd.readouterr().out
+
+
+def test_hard_task_six_misconceptions_and_checked_unchanged():
+    import task_hard
+
+    cfg = task_hard.TaskConfig()
+    bugs = task_hard.bugs_of(cfg)
+    assert len(bugs) == 6 and set(task_checked.BUGS) < set(bugs)
+    assert bugs[("+", 6)](3) == 7 and bugs[("-", 3)](3) == 6 and bugs[("*", 9)](3) == 3  # +4, +3, *1
+    prompts = task_hard.held_out_prompts(cfg)
+    counts = [sum(op in bugs for op in task_checked.parse_prompt(p)[1]) for p in prompts]
+    assert set(counts) == {0, 1, 2, 3, 4} and 0.05 < counts.count(0) / len(counts) < 0.15
+    assert {op for p in prompts for op in task_checked.parse_prompt(p)[1] if op in bugs} == set(bugs)
+    assert not set(prompts) & {row["prompt"] for row in task_hard.rl_dataset(cfg, 200, seed=0)}
+    # the checked task's prompts and cache key are unchanged by the misconception tables
+    checked = task_checked.TaskConfig()
+    assert task_checked.cache_key(checked, 0) == "0bf95ffb7a73" and task_checked.cache_key(cfg, 0) != "0bf95ffb7a73"
+    assert task_checked.held_out_prompts(checked)[0] == "5a+9b+1c-7d-5e*3f*9g+7h-2i+8j-8k-4l+3\n"
+    # warm-start traces: a risky step misconceived at bug_rate; a fully right trace is rare
+    rng = random.Random(0)
+    right = 0
+    for _ in range(2000):
+        _, start, ops = task_checked.make_prompt(rng, cfg.num_steps, cfg.risky_probs, bugs)
+        right += task_checked.trace(start, ops, rng, cfg) == task_checked.trace(start, ops)
+    assert 0.12 < right / 2000 < 0.25
+    # the probe's true features count this task's risky steps
+    prompt = "3a+6b*9c+2d+3e+4f+5g+6h+7i+1j+2k+3l+4\n"  # risky: b (+6), c (*9), h (+6)
+    tokens = [
+        task_checked.make_tokenizer().convert_ids_to_tokens(
+            task_checked.make_tokenizer()(task_hard.trace(*task_checked.parse_prompt(prompt)))["input_ids"]
+        )
+    ]
+    assert int(task_hard.true_features([prompt], tokens)["risky_left"][0, 0]) == 3
+
+
+def test_report_at_equal_tokens():
+    from learning_report import equal_tokens_budget, greedy_at, samples_to
+
+    curve = [{"samples": 0, "tokens": 100, "greedy": 0.1}, {"samples": 10, "tokens": 300, "greedy": 0.5},
+             {"samples": 20, "tokens": 500, "greedy": 0.9}]  # fmt: skip
+    assert greedy_at(curve, 50) == 0.1 and greedy_at(curve, 200) == pytest.approx(0.3) and greedy_at(curve, 900) == 0.9
+    assert samples_to(curve, 0.7) == pytest.approx(15.0) and samples_to(curve, 0.7, "tokens") == pytest.approx(400.0)
+    other = [{"samples": 0, "tokens": 0, "greedy": 0.1}, {"samples": 20, "tokens": 450, "greedy": 0.2}]
+    assert equal_tokens_budget({"a": [{"curve": curve}], "b": [{"curve": other}]}) == 450.0
+    assert equal_tokens_budget({"a": [{"curve": [{"samples": 0, "greedy": 0.1}]}]}) is None  # made before tokens
