@@ -152,9 +152,15 @@ def credit(trainer, tokenizer, items: list[dict]) -> list[dict]:
 # --- one run ---------------------------------------------------------------------------------------------------------
 
 
+# segment-tree rollouts (docs/trl_tree_rollouts.md): 2 trees of 2 x 2 leaves per prompt (num_generations 8), branching
+# after 4 and 8 of the 13 segments, so the leaves share 4-8 segments and the node values sit at 3 depths
+TREE = {"rollout_tree_roots": 2, "rollout_tree_branching": 2, "rollout_tree_depth": 2, "rollout_tree_segments": 4}
+
+
 def uses_pretrain(a, method: str) -> bool:
-    """VAPO's value pre-training (value_pretrain.py) replaces the trainer's warm-up for the VAPO/SynAPO methods."""
-    return a.value_pretrain and method not in ("grpo", "ppo") and not method.endswith("-oracle")
+    """VAPO's value pre-training (value_pretrain.py) replaces the trainer's warm-up for the VAPO/SynAPO methods (not
+    the oracle and tree arms, whose values come from the policy's own samples)."""
+    return a.value_pretrain and method not in ("grpo", "ppo", "tree", "synapo-tree") and not method.endswith("-oracle")
 
 
 def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, dataset, output_dir: str, critic=None):
@@ -192,10 +198,12 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
         "vapo-lambda1": ("vapo", {"length_adaptive_lambda": False, "gae_lambda": 1.0}),
         "vapo-oracle": ("vapo", {}),
         "synapo-oracle": ("synapo", {}),
+        "tree": ("vapo", {**TREE, "rollout_tree_local_weight": 0.0}),  # the tree's Monte-Carlo values alone
+        "synapo-tree": ("synapo", TREE),  # tree values + the critic's GAE inside each segment
     }
     preset, extra = variants.get(method, (method, {}))
     warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
-    if method.endswith("-oracle") or uses_pretrain(a, method):
+    if method.endswith("-oracle") or method == "tree" or uses_pretrain(a, method):
         warmup = 0  # Monte-Carlo values need no warm-up; a pre-trained critic had its own
     args = SynAPOConfig(
         **common,
@@ -312,8 +320,9 @@ def run_one(a, method: str, seed: int) -> dict:
         """Every token a policy forward generated for this run so far: training rollouts, the value
         pre-training's rollouts (shared by the runs, counted in each), Monte-Carlo continuations (oracle arm)."""
         critic = getattr(run["trainer"], "critic", None)
+        counts = getattr(run["trainer"], "rollout_token_counts", None)  # a tree's shared prefixes counted once
         parts = {
-            "rollouts": seen["tokens"],
+            "rollouts": int(counts["generated"]) if counts else seen["tokens"],
             "pretrain": run["pretrain_tokens"],
             "oracle": getattr(critic, "generated_tokens", 0),
         }
@@ -356,14 +365,16 @@ def run_one(a, method: str, seed: int) -> dict:
                     history[k].append(float(logs[k]))
 
         def on_step_end(self, args, state, control, **kwargs):
-            if seen["samples"] >= self.next_eval or seen["samples"] >= a.samples:
+            spent = seen["samples"] >= a.samples or 0 < a.token_budget <= generated_tokens()["total"]
+            if seen["samples"] >= self.next_eval or spent:
                 evaluate(state.global_step)
                 while self.next_eval <= seen["samples"]:
                     self.next_eval += a.eval_every
-            if seen["samples"] >= a.samples:
+            if spent:
                 control.should_training_stop = True
 
-    print(f"{tag} start: warm start {os.path.basename(path)}, budget {a.samples} samples", flush=True)
+    budget = f"{a.samples} samples" + (f" or {a.token_budget} generated tokens" if a.token_budget else "")
+    print(f"{tag} start: warm start {os.path.basename(path)}, budget {budget}", flush=True)
     critic, pretrain = None, None
     if uses_pretrain(a, method):
         critic, pretrain = pretrained_critic(a, method, model, tokenizer, log=lambda m: print(tag, m, flush=True))
@@ -389,7 +400,7 @@ def run_one(a, method: str, seed: int) -> dict:
         evaluate(trainer.state.global_step)
     t1 = sampled_accuracy(model, tokenizer, eval_prompts, cfg, a.final_t1_samples, seed, task=task)
     pictures = []
-    if method != "grpo":
+    if method not in ("grpo", "tree", "synapo-tree"):  # a tree's values exist on its own rollouts only
         with open(os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")) as f:
             pictures = credit(trainer, tokenizer, json.load(f))
     result = {

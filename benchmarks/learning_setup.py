@@ -19,15 +19,20 @@ METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "
 # whether VAPO's length-adaptive lambda (about 0.80 for ~100 tokens) is what keeps the outcome from the early steps;
 # the oracle-value arm (oracle_values.py): Monte-Carlo values at segment starts instead of the learned critic
 ORACLE_METHODS = ["vapo-oracle", "synapo-oracle"]
-EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS]
+EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS, "tree", "synapo-tree"]
 # the checked task's full run (issue 13): the chain table's 9 methods and the oracle arm, the main comparison first
+# the hard task (issue 20): the baselines, then the arms that can pay at equal generated tokens
+HARD_METHODS = ["grpo", "synapo", "vapo", "tree", "synapo-tree"]
 CHECKED_METHODS = ["grpo", "vapo", "synapo", *ORACLE_METHODS, "ppo", "synapo-no-hvm", "synapo-no-scvl",
                    "synapo-no-eagae", "synapo-beta-neg", "vapo-lambda1"]  # fmt: skip
 
 
-# the hard task's sample budget: GRPO's greedy accuracy is ~70 % there (seed 0: 68.2 % at 2048 samples, 86.6 % at
-# 4096; python benchmarks/learning.py --task hard --methods grpo --seeds 0 --samples 8192)
-HARD_SAMPLES = 2048
+# the hard task's budget: 2048 samples' worth of generated tokens (102 a sample), where GRPO's greedy accuracy is
+# ~70 % (seed 0: 68.2 % at 2048 samples, 86.6 % at 4096; python benchmarks/learning.py --task hard --methods grpo
+# --seeds 0 --samples 8192); every method stops there, its value pre-training (1024 rollouts, about half of it) and
+# a tree's extra samples included; the sample cap is twice it
+HARD_TOKENS = 2048 * 102
+HARD_SAMPLES = 4096
 
 
 @dataclass
@@ -44,6 +49,10 @@ class Args:
     """RL seeds (sampling, data order); every seed starts from the same warm start"""
     samples: int = 8192
     """sample budget per run: generated completions, critic warm-up rollouts included"""
+    token_budget: int = 0
+    """also stop a run once its generated tokens (training rollouts, value pre-training rollouts, Monte-Carlo
+    continuations; a tree's shared prefixes once) reach this many: every method at equal compute (0: samples only;
+    default with --task hard)"""
     eval_every: int = 512
     """evaluate on the held-out prompts every this many samples (and at 0)"""
     eval_prompts: int = 500
@@ -112,7 +121,8 @@ def apply_quick(a: Args) -> Args:
             cache_dir=os.path.join(HERE, "cache", f"learning_{a.task}"),
         )  # fmt: skip
         if a.task == "hard":  # the budget at which GRPO does not saturate (task_hard.py)
-            checked.update(samples=HARD_SAMPLES, eval_every=HARD_SAMPLES // 8)
+            checked.update(methods=HARD_METHODS, samples=HARD_SAMPLES, token_budget=HARD_TOKENS, eval_every=256,
+                           pretrain_max_rollouts=1024)  # fmt: skip
         a = dataclasses.replace(a, **{k: v for k, v in checked.items() if getattr(a, k) == getattr(default, k)})
     if not a.quick:
         return a
@@ -142,7 +152,7 @@ def task_config(a: Args):
 # fields added after the chain's table: left out of the setup key at their defaults (its finished runs still match)
 NEW_FIELDS = (
     "task", "value_pretrain", "pretrain_max_rollouts", "pretrain_max_steps", "pretrain_target_ev", "oracle_k",
-    "oracle_seeds", "critic_epochs",
+    "oracle_seeds", "critic_epochs", "token_budget",
 )  # fmt: skip
 
 

@@ -119,6 +119,8 @@ def test_critic_probe_end_to_end(tmp_path):
         ("vapo-lambda1", {"length_adaptive_lambda": False, "gae_lambda": 1.0, "hvm_enabled": False}),
         ("synapo-beta-neg", {"ea_gae_beta": -0.05, "hvm_enabled": True, "length_adaptive_lambda": True}),
         ("synapo-no-hvm", {"hvm_enabled": False, "scvl_enabled": True, "ea_gae_beta": 0.05}),
+        ("tree", {"hvm_enabled": False, "rollout_tree_roots": 2, "rollout_tree_local_weight": 0.0}),
+        ("synapo-tree", {"hvm_enabled": True, "rollout_tree_depth": 2, "rollout_tree_local_weight": 1.0}),
     ],
 )
 def test_method_variants_reach_the_trainer(tmp_path, method, expected):
@@ -133,7 +135,9 @@ def test_method_variants_reach_the_trainer(tmp_path, method, expected):
     trainer = learning_run.build_trainer(
         a, method, 0, model, tokenizer, lambda completions, **kw: [0.0] * len(completions), dataset, str(tmp_path)
     )
-    assert {k: getattr(trainer.synapo, k) for k in expected} == expected
+    assert {
+        k: getattr(trainer.synapo if hasattr(trainer.synapo, k) else trainer.args, k) for k in expected
+    } == expected
 
 
 def test_critic_sanity_end_to_end(tmp_path):
@@ -161,3 +165,15 @@ def test_pretrain_key_follows_the_pre_training_only():
     for change in ({"pretrain_max_rollouts": 4096}, {"pretrain_target_ev": 0.5}, {"sft_steps": 100},
                    {"warm_start_seed": 1}, {"task": "chain"}):  # fmt: skip
         assert pretrain_key(dataclasses.replace(a, **change)) != pretrain_key(a), change
+
+
+def test_hard_task_defaults_equal_compute():
+    """--task hard: every method stops at the same generated-token budget (value pre-training included), the
+    setup key of the other tasks is unchanged by the token budget field."""
+    from learning_setup import HARD_METHODS, HARD_TOKENS, Args, apply_quick, setup_key
+
+    a = apply_quick(Args(task="hard"))
+    assert a.token_budget == HARD_TOKENS and a.pretrain_max_rollouts * 102 < HARD_TOKENS and a.methods == HARD_METHODS
+    assert a.out.endswith("hard") and a.cache_dir.endswith("learning_hard")
+    checked = apply_quick(Args(task="checked"))
+    assert checked.token_budget == 0 and setup_key(checked) == "bca09658efba"  # the checked task's finished runs
