@@ -80,6 +80,7 @@ def main(args: Args) -> None:
         boundary_table=boundary_table,
         scores=scores,
         group_ids=prompts,
+        return_seg_ids=True,  # the fused stage writes the int64 segment ids only when asked
     )
 
     print(f"preset={args.preset} ({PRESETS[args.preset] or 'all parts on'}), B={B}, T={T}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
 from ._checks import check_finite, check_mask, check_same_shape, check_tensor, float_dtype
 
 __all__ = ["EA_GAE_EPS", "check_ea_gae_args", "ea_gae_lambda"]
@@ -63,26 +62,10 @@ def ea_gae_lambda(
     mask = check_mask(response_mask)
     entropy = check_ea_gae_args(mask, entropy, alpha=alpha, lambda_min=lambda_min, lambda_max=lambda_max)
     dtype = float_dtype(entropy)
-    ea_gae = backend.implementation("ea_gae_lambda", mask, entropy)
-    return ea_gae(mask, entropy, alpha, beta, EA_GAE_EPS, lambda_min, lambda_max, dtype)
-
-
-@backend.register("ea_gae_lambda", "torch")
-def _ea_gae_lambda_torch(
-    mask: torch.Tensor,
-    entropy: torch.Tensor | None,
-    alpha: float,
-    beta: float,
-    eps: float,
-    lambda_min: float,
-    lambda_max: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """`ea_gae_lambda` on validated inputs (bool `mask`) in `dtype`."""
     lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # l_b, (B, 1)
     scale = alpha * lengths
     if entropy is not None:
         # alpha * l * max(1 + beta * H, eps)
-        scale = scale * (1.0 + beta * entropy.to(dtype)).clamp_min(eps)
+        scale = scale * (1.0 + beta * entropy.to(dtype)).clamp_min(EA_GAE_EPS)
     lam = (1.0 - scale.reciprocal()).clamp(lambda_min, lambda_max)
     return lam.expand(mask.shape).contiguous()

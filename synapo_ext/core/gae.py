@@ -13,13 +13,22 @@ from collections.abc import Callable
 
 import torch
 
-from . import backend
 from ._blocks import map_row_blocks, row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
 from .scan import reverse_linear_scan
 
-__all__ = ["check_gae_args", "check_lambda", "compute_gae", "masked_whiten", "next_token_values", "whiten_in_place"]
+__all__ = [
+    "WHITEN_EPS",
+    "check_gae_args",
+    "check_lambda",
+    "compute_gae",
+    "masked_whiten",
+    "next_token_values",
+    "whiten_in_place",
+]
+
+WHITEN_EPS = 1e-8  # (A - mean) * rsqrt(var + WHITEN_EPS), as verl's masked_whiten
 
 
 def masked_whiten(
@@ -28,7 +37,7 @@ def masked_whiten(
     *,
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(x - mean) * rsqrt(var + 1e-8) with the mean and unbiased variance over `mask` (verl's `masked_whiten`).
+    """(x - mean) * rsqrt(var + WHITEN_EPS) with the mean and unbiased variance over `mask` (verl's `masked_whiten`).
 
     Computed in float64 and returned in `values`' dtype: float32 sums and squares overflow for large finite inputs
     (|x| ~ 1e20 squares past float32's 3.4e38).
@@ -56,18 +65,15 @@ def masked_whiten(
     check_finite(values, "values")
     if sum_over_processes is not None and not callable(sum_over_processes):
         raise TypeError(f"`sum_over_processes` must be a function or None, got {type(sum_over_processes).__name__}")
-    if sum_over_processes is not None:
-        return _masked_whiten_torch(values, mask, sum_over_processes=sum_over_processes)
-    return backend.implementation("whiten", values)(values, mask)
+    return _masked_whiten(values, mask, sum_over_processes=sum_over_processes)
 
 
 def whiten_in_place(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`masked_whiten` into `values` itself (no second (B, T) tensor): for advantages the caller has just made."""
-    return backend.implementation("whiten", values)(values, mask, inplace=True)
+    return _masked_whiten(values, mask, inplace=True)
 
 
-@backend.register("whiten", "torch")
-def _masked_whiten_torch(
+def _masked_whiten(
     values: torch.Tensor,
     mask: torch.Tensor,
     inplace: bool = False,
@@ -88,7 +94,7 @@ def _masked_whiten_torch(
     squares = reduce(
         sum((torch.where(mask[b], (values[b].double() - mean).square_(), 0.0).sum() for b in blocks), zero)
     )
-    scale = torch.rsqrt(squares / (count - 1) + 1e-8)
+    scale = torch.rsqrt(squares / (count - 1) + WHITEN_EPS)
     out = values if inplace else torch.empty_like(values)
     for b in blocks:  # (each block is read before it is written)
         out[b] = (values[b].double() - mean).mul_(scale)
@@ -166,25 +172,10 @@ def compute_gae(
     lam = check_lambda(lam, "lam", rewards.shape, mask)
 
     dtype = float_dtype(rewards, values, lam if isinstance(lam, torch.Tensor) else None)
-    gae = backend.implementation("gae", rewards, values)
-    advantages, returns = gae(rewards, values, mask, lam, gamma, dtype)
-    if whiten:
-        advantages = whiten_in_place(advantages, mask)
-    return advantages, returns
-
-
-@backend.register("gae", "torch")
-def _gae_torch(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    lam: float | torch.Tensor,
-    gamma: float,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`compute_gae` on validated inputs (bool `mask`) in `dtype`, on blocks of rows (see `_gae_rows`)."""
     outputs = [torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(2)]
     advantages, returns = map_row_blocks(_gae_rows, outputs, (rewards, values, mask, lam), gamma, dtype)
+    if whiten:
+        advantages = whiten_in_place(advantages, mask)
     return advantages, returns
 
 

@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import torch
 
-from . import backend
 from ._blocks import map_row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
@@ -126,37 +125,16 @@ def hvm_advantages(
     lam = check_lambda(lam, "lam", rewards.shape, mask)
 
     dtype = float_dtype(rewards, local_values, global_values, lam if isinstance(lam, torch.Tensor) else None)
-    hvm = backend.implementation("hvm", rewards, local_values, global_values)
-    advantages, local_returns, global_returns, start_mask = hvm(
-        rewards, local_values, global_values, mask, seg_ids, lam, gamma, global_lam, global_weight, dtype
-    )
-    if whiten:
-        advantages = whiten_in_place(advantages, mask)
-    return HVMResult(advantages, local_returns, global_returns, start_mask)
-
-
-@backend.register("hvm", "torch")
-def _hvm_torch(
-    rewards: torch.Tensor,
-    local_values: torch.Tensor,
-    global_values: torch.Tensor,
-    mask: torch.Tensor,
-    seg_ids: torch.Tensor,
-    lam: float | torch.Tensor,
-    gamma: float,
-    global_lam: float,
-    global_weight: float,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`hvm_advantages` on validated inputs (bool `mask`) in `dtype`, before whitening, on blocks of rows (see
-    `_hvm_rows`): the temporaries are block-sized, only the four outputs are (B, T)."""
+    # on blocks of rows (see `_hvm_rows`): the temporaries are block-sized, only the four outputs are (B, T)
     outputs = [torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(3)]
     outputs.append(torch.empty(mask.shape, dtype=torch.bool, device=mask.device))  # start_mask
     per_row = (rewards, local_values, global_values, mask, seg_ids, lam)
     advantages, local_returns, global_returns, start_mask = map_row_blocks(
         _hvm_rows, outputs, per_row, gamma, global_lam, global_weight, dtype
     )
-    return advantages, local_returns, global_returns, start_mask
+    if whiten:
+        advantages = whiten_in_place(advantages, mask)
+    return HVMResult(advantages, local_returns, global_returns, start_mask)
 
 
 def _hvm_rows(

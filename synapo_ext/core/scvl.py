@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 
-from . import backend
 from ._checks import check_finite, check_ids, check_mask, check_same_shape, check_tensor
 
 __all__ = [
@@ -143,11 +142,6 @@ def scvl_group_stats(
 def row_lengths(mask: torch.Tensor) -> torch.Tensor:
     """A row's length is its last valid position + 1 (docs/spec.md), 0 for a row with no valid token, int64 (B,)
     (`mask`: bool (B, T))."""
-    return backend.implementation("row_lengths", mask)(mask)
-
-
-@backend.register("row_lengths", "torch")
-def _row_lengths_torch(mask: torch.Tensor) -> torch.Tensor:
     B, T = mask.shape
     if T == 0:
         return torch.zeros(B, dtype=torch.long, device=mask.device)
@@ -158,11 +152,6 @@ def _row_lengths_torch(mask: torch.Tensor) -> torch.Tensor:
 def _divergence(ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """d = first position where rows pos and neg differ or either has ended, int64 (P,); blocked over pairs."""
     shortest = torch.minimum(lengths[pos], lengths[neg])
-    return backend.implementation("divergence", ids)(ids, pos, neg, shortest)
-
-
-@backend.register("divergence", "torch")
-def _divergence_torch(ids: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, shortest: torch.Tensor) -> torch.Tensor:
     width = int(shortest.max()) if shortest.numel() else 0
     out = torch.empty_like(pos)
     block = max(1, _BLOCK_ELEMENTS // max(width, 1))

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import backend
 from ._blocks import map_row_blocks
 from ._checks import check_ids, check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
@@ -98,8 +97,11 @@ def segment_ids(
         raise ValueError(f"`dtype` must be torch.int32 or torch.int64, got {dtype}")
     if response_ids.numel() == 0:  # B = 0 (a row with no token was refused by check_mask)
         return torch.zeros(response_ids.shape, dtype=dtype, device=response_ids.device)
-    segment = backend.implementation("segment_ids", response_ids, mask)
-    return segment(response_ids, mask, boundary_table, min_len, max_len, fallback_len, dtype)
+    # on blocks of rows (see `_segment_rows`)
+    seg = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+    table = boundary_table.to(mask.device)
+    map_row_blocks(_segment_rows, [seg], (response_ids, mask), table, min_len, max_len, fallback_len)
+    return seg
 
 
 def check_segment_args(
@@ -133,23 +135,6 @@ def check_segment_args(
             f"`response_ids` holds ids in [{low}, {high}] but `boundary_table` covers [0, {boundary_table.numel()})"
         )
     return response_ids, boundary_table
-
-
-@backend.register("segment_ids", "torch")
-def _segment_ids_torch(
-    response_ids: torch.Tensor,
-    mask: torch.Tensor,
-    boundary_table: torch.Tensor,
-    min_len: int,
-    max_len: int | None,
-    fallback_len: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """`segment_ids` on validated inputs (bool `mask`), on blocks of rows (see `_segment_rows`)."""
-    seg = torch.empty(mask.shape, dtype=dtype, device=mask.device)
-    table = boundary_table.to(mask.device)
-    map_row_blocks(_segment_rows, [seg], (response_ids, mask), table, min_len, max_len, fallback_len)
-    return seg
 
 
 def _segment_rows(

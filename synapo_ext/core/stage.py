@@ -3,6 +3,9 @@
 lambda_t            = EA-GAE lambda (or VAPO's length-adaptive one, or PPO's constant)
 advantages, targets = HVM over segments (or plain GAE with HVM off; critic targets use critic_lambda)
 SCVL pairs          = positive/negative pairs per group, with the rollout-time values at d + 1
+
+The torch stage composes the public functions; on CPU with numba the fused stage (`synapo_ext.core.fast`) computes
+the same outputs in one compiled pass per row. `compute_synapo_advantages` chooses once (`backend.fused_kernels`).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _fused, backend  # noqa: F401 (_fused registers the fused numba `stage` and `stage_mask`)
+from . import backend
 from ._blocks import row_counts
 from ._checks import check_ids, check_mask, check_mask_type, check_same_shape, float_dtype
 from .config import SynAPOParams
 from .ea_gae import ea_gae_lambda
+from .fast import stage as fused
 from .gae import compute_gae
 from .hvm import hvm_advantages
 from .losses import positive_lm_weights
@@ -71,8 +75,8 @@ class SynAPOAdvantages:
 
 @dataclass(frozen=True)
 class StageInputs:
-    """One call of the stage, as `compute_synapo_advantages` takes it, with the mask checked: what every
-    implementation of the `stage` operation receives.
+    """One call of the stage, as `compute_synapo_advantages` takes it, with the mask checked: what the torch and
+    the fused stage receive.
 
     Per row: response_mask: bool (B, T); lengths: int64 (B,), each row's last valid position + 1 (0: no valid
     token); rewards, values (B, T); global_values, entropy, response_ids (B, T), scores (B,), group_ids (B,): or
@@ -220,8 +224,12 @@ def compute_synapo_advantages(
     # validate the mask once, as bool (an int64 mask is 8x the bytes of a bool one), with each row's length
     response_mask = check_mask_type(response_mask)
     tensors = [x for x in (rewards, values, global_values) if isinstance(x, torch.Tensor)]
-    prepare = backend.implementation("stage_mask", response_mask, *tensors) if response_mask.numel() else _mask_torch
-    response_mask, lengths = prepare(response_mask)
+    # the one choice: the fused stage's kernels, or None for the torch stage (B = 0: nothing to fuse)
+    kernels = backend.fused_kernels(response_mask, *tensors) if response_mask.numel() else None
+    if kernels is None:
+        response_mask, lengths = _mask_torch(response_mask)
+    else:
+        response_mask, lengths = fused.stage_mask(kernels, response_mask)
     B = response_mask.shape[0]
     valid_rows = lengths > 0
     rows = valid_rows.nonzero().squeeze(1)
@@ -240,32 +248,35 @@ def compute_synapo_advantages(
         return_seg_ids=bool(return_seg_ids),
     )
     if rows.numel() < B:  # skip the empty rows, then put the results back
-        out = _scatter_rows(_stage(params, x.take(rows)), rows, B)
+        out = _scatter_rows(_stage(params, x.take(rows), kernels), rows, B)
     else:
-        out = _stage(params, x)
+        out = _stage(params, x, kernels)
     out.valid_rows = valid_rows
     out.metrics[METRICS.rows_empty] = float(B - rows.numel())
     return out
 
 
-@backend.register("stage_mask", "torch")
 def _mask_torch(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The stage's mask as bool (B, T), checked (0 and 1 only; rows with no valid token allowed), and each row's
-    length (last valid position + 1, int64 (B,)); the numba version does both in one pass over the mask."""
+    length (last valid position + 1, int64 (B,)); the fused stage's `stage_mask` does both in one pass."""
     mask = check_mask(response_mask, allow_empty_rows=True)
     return mask, row_lengths(mask)
 
 
-def _stage(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
-    """The stage on rows that each hold at least one valid token."""
+def _stage(params: SynAPOParams, x: StageInputs, kernels) -> SynAPOAdvantages:
+    """The stage on rows that each hold at least one valid token: fused with `kernels`, else torch."""
     if params.hvm_enabled:
         _require(x.global_values, "global_values", "hvm_enabled")
         _require(x.response_ids, "response_ids", "hvm_enabled")
         _require(x.boundary_table, "boundary_table", "hvm_enabled")
-    tensors = [t for t in (x.rewards, x.values, x.global_values) if isinstance(t, torch.Tensor)]
-    # B = 0: nothing to fuse (and no statistics); the composed path gives the empty outputs
-    stage = backend.implementation("stage", *tensors) if x.response_mask.numel() else _stage_torch
-    out = stage(params, x)
+    if kernels is None or not x.response_mask.numel():  # B = 0: no statistics; the torch stage's empty outputs
+        out = _stage_torch(params, x)
+    else:
+        check_actor_lambda_inputs(params, x.entropy)
+        out = SynAPOAdvantages(**fused.stage(
+            kernels, params, x.response_mask, x.rewards, x.values, x.global_values, x.entropy, x.response_ids,
+            x.boundary_table, x.return_lam, x.return_seg_ids,
+        )._asdict())  # fmt: skip
     metrics = out.metrics
 
     if x.scores is not None:
@@ -291,7 +302,6 @@ def _stage(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
     return out
 
 
-@backend.register("stage", "torch")
 def _stage_torch(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
     """Lambda, HVM or GAE advantages and critic targets, metrics: the public functions composed (no SCVL)."""
     response_mask, rewards, values, entropy = x.response_mask, x.rewards, x.values, x.entropy
@@ -300,10 +310,10 @@ def _stage_torch(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
     metrics: dict[str, float] = {}
     has_tokens = response_mask.numel() > 0  # B = 0: no statistics
     if isinstance(lam, torch.Tensor) and has_tokens:
-        lam_mean, lam_min, lam_max = backend.masked_stats(lam, response_mask)
+        lam_mean, lam_min, lam_max = _masked_stats(lam, response_mask)
         metrics.update({METRICS.lambda_mean: lam_mean, METRICS.lambda_min: lam_min, METRICS.lambda_max: lam_max})
     if params.length_adaptive_lambda and params.ea_gae_enabled and has_tokens:  # entropy checked by ea_gae_lambda
-        metrics[METRICS.entropy_mean] = backend.masked_stats(entropy.to(float_dtype(entropy)), response_mask)[0]
+        metrics[METRICS.entropy_mean] = _masked_stats(entropy.to(float_dtype(entropy)), response_mask)[0]
     lam_out = lam if return_lam or not isinstance(lam, torch.Tensor) else None
     if params.hvm_enabled:
         seg = segment_ids(
@@ -340,3 +350,9 @@ def _stage_torch(params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
         # VAPO's decoupled GAE: the critic's targets use their own lambda
         _, returns = compute_gae(rewards, values, response_mask, gamma=params.gamma, lam=params.critic_lambda)
     return SynAPOAdvantages(advantages, returns, lam_out, metrics=metrics)
+
+
+def _masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """(mean, min, max) of `x` over the valid tokens of a bool `mask` (at least one)."""
+    valid = x[mask]
+    return float(valid.double().mean()), float(valid.min()), float(valid.max())

@@ -1,7 +1,7 @@
 """The critic under the trainer's `accelerator`: DDP, FSDP2 or DeepSpeed ZeRO-2/3, as TRL runs the policy.
 
 The critic keeps a raw torch optimizer stepped by hand (an accelerate-prepared optimizer skips steps on non-sync
-micro-steps and freezes the critic under gradient accumulation, notes/trl.md 4.1); only the *model* is wrapped:
+micro-steps and freezes the critic under gradient accumulation); only the *model* is wrapped:
 
 - single process: the module itself (a process group that accelerate does not manage is averaged by hand).
 - DDP: `accelerator.prepare_model` (DDP averages the gradients; mixed precision as the policy's).

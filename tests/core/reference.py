@@ -1,4 +1,4 @@
-"""Float64 plain-loop reference for `synapo_ext.core`, written from SPEC.md ("The core API") and docs/core_api.md.
+"""Float64 plain-loop reference for `synapo_ext.core`, written from docs/spec.md and docs/core_api.md.
 
 This is the oracle the tests trust, so it is written for reading, not speed:
 - every number is a Python float (IEEE float64); torch is used only to read inputs and hand results back;

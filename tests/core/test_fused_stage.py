@@ -197,7 +197,7 @@ def test_stage_refuses_a_mask_value_other_than_0_and_1(backend, dtype, bad):
 def test_row_blocks_cover_every_row_once_and_raise_a_workers_error(monkeypatch):
     """PARALLEL runs a kernel on blocks of rows in threads: each row once, per-row arguments sliced, others whole,
     and an error in any block reaches the caller."""
-    from synapo_ext.core import _numba_kernels
+    from synapo_ext.core.fast import kernels
 
     seen = []
 
@@ -208,7 +208,7 @@ def test_row_blocks_cover_every_row_once_and_raise_a_workers_error(monkeypatch):
             raise RuntimeError("row 13")
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    run = _numba_kernels._row_blocks(kernel, [0, 2])
+    run = kernels._row_blocks(kernel, [0, 2])
     rows, table, out = torch.arange(40).numpy(), torch.zeros(40).numpy(), torch.zeros(40, dtype=torch.long).numpy()
     with pytest.raises(RuntimeError, match="row 13"):
         run(rows, table, out)
@@ -216,5 +216,5 @@ def test_row_blocks_cover_every_row_once_and_raise_a_workers_error(monkeypatch):
     seen.clear()
     run(rows, table, out)
     assert sorted(int(r) for block, _ in seen for r in block) == list(range(50, 90))
-    assert len(seen) == 3 * _numba_kernels.BLOCKS_PER_THREAD and all(shape == (40,) for _, shape in seen)
+    assert len(seen) == 3 * kernels.BLOCKS_PER_THREAD and all(shape == (40,) for _, shape in seen)
     assert (out == rows * 2).all()

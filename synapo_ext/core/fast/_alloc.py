@@ -2,7 +2,7 @@
 
 A fresh 32 MiB float32 (B, T) tensor (B = 512, T = 16384) is 8192 4-KiB pages, each faulted in on first touch:
 writing one cost about 70 ms against 20 ms for the same writes into memory already touched, on the project's
-2-core machine (docs/performance notes). `madvise(MADV_HUGEPAGE)` on the fresh allocation, before anything
+2-core machine. `madvise(MADV_HUGEPAGE)` on the fresh allocation, before anything
 touches it, lets the kernel back it with 2-MiB pages (512 times fewer faults) where transparent huge pages are
 enabled as `madvise` or `always` (numpy does the same for its own arrays). Elsewhere it is a no-op.
 """

@@ -1,4 +1,4 @@
-"""Fused CPU kernels (numba) for the whole advantage stage: one pass per row, no (B, T) temporaries.
+"""The fused stage's CPU kernels (numba): one pass per row over the (B, T) arrays, no (B, T) temporaries.
 
 `stage_hvm_rows` computes, per row, the actor's lambda from the row's length and entropy, the segment starts
 (segments.py's rules), HVM's local and global GAE and both heads' targets; `stage_gae_rows` the actor's GAE and
@@ -6,17 +6,85 @@ the critic's returns at `critic_lambda` in one backward pass. Lambda and segment
 caller asks for them (`write_lam`, `write_seg`); per-row sums for the metrics and for whitening go to `row_stats`.
 Both take the actor's lambda as `lam_args` = (adaptive, constant lambda, alpha, beta, eps, lambda_min, lambda_max):
 EA-GAE's (or VAPO's, beta = 0) when adaptive, else the constant.
-The formulas and the order of every floating-point operation are those of `_numba_kernels.py`'s separate kernels
-(the segment pass and HVM's local step are theirs: `segment_starts`, `hvm_local_step`), so the fused stage gives
-the same numbers. Accumulators are float64 whatever the array dtype.
+Each kernel is the plain per-token loop of a formula of docs/spec.md (the torch functions of `synapo_ext.core` are
+the readable versions), run over the original layout: masked tokens carry the running quantities through unchanged
+(verl's carry rule), so interior zeros need no compaction. Accumulators are float64 whatever the array dtype.
+`row_lengths` and `mask_rows` are the stage's one pass over the mask. Imported only by `fast/stage.py`, on first use.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
+import threading
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import numpy as np
+import torch
 from numba import njit, prange
 
-from ._numba_kernels import _kernel, hvm_local_step, segment_starts
+# Each kernel is compiled once, serial (`prange` runs as `range`). `SERIAL` calls it on the whole batch (small
+# batches: no thread wakes up, so nothing competes with torch's own threads in a training step); `PARALLEL` runs
+# it on blocks of rows in plain threads (the kernels release the GIL), as many as torch's intra-op threads.
+# Not numba's own thread pool: its OpenMP workers spin-wait after each parallel loop, and beside torch's OpenMP
+# workers (a second runtime, spinning too) every hand-over between a numba kernel and a torch op cost milliseconds
+# of two pools fighting for the cores (the whole stage at 512 x 16384 took 234 ms with the spinning, 120 ms
+# with OMP_WAIT_POLICY=passive, on the 2-core machine). Rows are independent, so a block gives the rows'
+# results exactly as the whole batch does.
+SERIAL = SimpleNamespace()
+PARALLEL = SimpleNamespace()
+BLOCKS_PER_THREAD = 4  # blocks of rows per thread, taken in turn: rows of unequal length even out
+
+
+def _kernel(*rows: str) -> Callable[[Callable], Callable]:
+    """Register a kernel whose arguments `rows` are indexed by row (first dimension: the batch; the first of them
+    sets the batch size; one whose first dimension differs, e.g. a (1, 1) placeholder, is passed whole)."""
+
+    def decorate(fn: Callable) -> Callable:
+        serial = njit(cache=True, nogil=True)(fn)
+        names = list(inspect.signature(fn).parameters)
+        setattr(SERIAL, fn.__name__, serial)
+        setattr(PARALLEL, fn.__name__, _row_blocks(serial, [names.index(name) for name in rows]))
+        return fn
+
+    return decorate
+
+
+def _row_blocks(serial: Callable, rows: list[int]) -> Callable:
+    """`serial` run on blocks of rows by `torch.get_num_threads()` threads (the caller's thread among them)."""
+    row_set = set(rows)
+
+    def run(*args) -> None:
+        n = args[rows[0]].shape[0]
+        threads = min(torch.get_num_threads(), n)
+        if threads <= 1:
+            serial(*args)
+            return
+        blocks = min(n, BLOCKS_PER_THREAD * threads)
+        bounds = [n * i // blocks for i in range(blocks + 1)]
+        taken = itertools.count()  # next() is atomic under the GIL
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while not errors and (i := next(taken)) < blocks:
+                lo, hi = bounds[i], bounds[i + 1]
+                try:
+                    serial(*(a[lo:hi] if j in row_set and a.shape[0] == n else a for j, a in enumerate(args)))
+                except BaseException as e:  # re-raised by the caller's thread
+                    errors.append(e)
+
+        helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
+        for t in helpers:
+            t.start()
+        work()
+        for t in helpers:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    return run
+
 
 # columns of `row_stats` (float64 (B, STATS))
 N_VALID, LAM_SUM, LAM_MIN, LAM_MAX, ENTROPY_SUM, SEGMENTS, ADV_MEAN, ADV_M2 = range(8)
@@ -26,6 +94,95 @@ REWARDS, VALUES, GLOBAL_VALUES, ENTROPY, IDS = 1, 2, 4, 8, 16
 # Sums for statistics may be reordered (vectorised): a strict left-to-right float64 sum waits ~4 cycles per token.
 # NaN/inf semantics are kept (no "nnan"/"ninf"), and the recursions themselves are compiled without fast-math.
 _SUM_MATH = {"reassoc", "nsz"}
+
+
+@_kernel("mask", "out")
+def row_lengths(mask, out):
+    """Per row: last valid position + 1 (0 for a row with no valid token), scanning from the end."""
+    B, T = mask.shape
+    for b in prange(B):
+        last = 0
+        for t in range(T - 1, -1, -1):
+            if mask[b, t]:
+                last = t + 1
+                break
+        out[b] = last
+
+
+@_kernel("mask", "out", "lengths", "bad")
+def mask_rows(mask, one, neg_zero, out, lengths, bad):
+    """Per row: a 0/1 mask of any dtype, read as the signed integers of its bits (`one`, `neg_zero`: the bits of 1
+    and -0 in its dtype, 0 for -0 of an integer dtype), written as bool, with its length (last valid position + 1)
+    and `bad` = 1 where it holds any other value."""
+    B, T = mask.shape
+    for b in prange(B):
+        others = 0
+        last = 0
+        for t in range(T):
+            v = mask[b, t]
+            is_one = v == one
+            out[b, t] = is_one
+            others += (v != 0) & (v != neg_zero) & (v != one)
+            last = max(last, (t + 1) * is_one)
+        lengths[b] = last
+        bad[b] = others > 0
+
+
+@njit(cache=True, nogil=True)
+def segment_starts(
+    ids, mask, table, b, n, last, has_delimiter, min_len, max_len, fallback_len, write_seg, seg_out, write_starts,
+    start_mask,
+):  # fmt: skip
+    """Row b's segments in one forward pass (n valid tokens, the last at `last` - 1): its ids into seg_out (when
+    `write_seg`), its start flags into start_mask (when `write_starts`).
+
+    Greedy min_len in one pass: a raw end at valid index i closes the segment iff it is the row's last token,
+    or the segment holds >= min_len tokens and the tokens left after it (n - 1 - i) are >= min_len (a shorter
+    tail would merge back into this segment). max_len cuts every max_len tokens from the segment's start.
+    """
+    seg = 0
+    i = 0  # valid-token index
+    seg_len = 0  # tokens in the current (merged) segment so far, this one included
+    next_is_start = True
+    for t in range(last):
+        if write_seg:
+            seg_out[b, t] = seg
+        if not mask[b, t]:
+            if write_starts:
+                start_mask[b, t] = False
+            continue
+        if write_starts:
+            start_mask[b, t] = next_is_start
+        next_is_start = False
+        seg_len += 1
+        if has_delimiter:
+            raw_end = table[ids[b, t]]
+        else:
+            raw_end = fallback_len > 0 and (i + 1) % fallback_len == 0
+        end = i == n - 1 or (raw_end and seg_len >= min_len and n - 1 - i >= min_len)
+        piece_end = max_len > 0 and seg_len % max_len == 0
+        if (end or piece_end) and i < n - 1:
+            seg += 1
+            next_is_start = True
+        if end:
+            seg_len = 0
+        i += 1
+    if write_seg:
+        for t in range(last, seg_out.shape[1]):
+            seg_out[b, t] = seg
+
+
+@njit(cache=True, nogil=True)
+def hvm_local_step(r, v, is_end, next_local, next_global, lam_t, gamma, running, local_return, discount):
+    """One token of HVM's backward pass inside a segment: (AL_t, LR_t, gamma^(e_k - t + 1)) from the next token's.
+    At a segment end e_k (`is_end`) the local GAE and target bootstrap from the next segment's g_{k+1} and restart:
+
+        AL_t = r_t + gamma g_{k+1} - V_t                  LR_t = r_t + gamma g_{k+1}
+        AL_t = r_t + gamma V_{t+1} - V_t + gamma lambda_t AL_{t+1}    LR_t = r_t + gamma LR_{t+1}   (inside)
+    """
+    if is_end:
+        return r + gamma * next_global - v, r + gamma * next_global, gamma
+    return r + gamma * next_local - v + gamma * lam_t * running, r + gamma * local_return, discount * gamma
 
 
 @_kernel(

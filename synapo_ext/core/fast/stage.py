@@ -1,46 +1,44 @@
-"""The advantage stage fused into one compiled pass per row (numba, CPU), registered as the `stage` operation.
+"""The advantage stage fused into one compiled pass per row (numba, CPU): `compute_synapo_advantages` runs it on CPU
+tensors when numba imports (`synapo_ext.core.backend.fused_kernels`), the torch stage (core/stage.py) otherwise.
 
-The pure-torch `stage` (stage.py) composes the public functions; this one runs `_numba_stage.py`'s kernels, which
-compute the actor's lambda, the segments, HVM (or the decoupled GAE) and the per-row sums for the metrics and the
-whitening in one pass per row, writing only the outputs asked for: no (B, T) lambda or int64 segment ids unless
-requested, start flags as bool, every fresh output on huge pages (`_alloc.empty`). Whitening is one more in-place
-pass. Inputs are validated by the same checks as the public functions, so errors name the same arguments.
+The torch stage composes the public functions; this one runs `kernels.py`, which compute the actor's lambda, the
+segments, HVM (or the decoupled GAE) and the per-row sums for the metrics and the whitening in one pass per row,
+writing only the outputs asked for: no (B, T) lambda or int64 segment ids unless requested, start flags as bool,
+every fresh output on huge pages (`_alloc.empty`). Whitening is one more in-place pass. Inputs are validated by the
+same checks as the public functions, so errors name the same arguments.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 
-from . import backend
+from .._checks import check_mask, float_dtype
+from ..config import SynAPOParams
+from ..ea_gae import EA_GAE_EPS, check_ea_gae_args
+from ..gae import WHITEN_EPS, check_gae_args
+from ..hvm import check_hvm_args
+from ..metrics import METRICS
+from ..segments import check_segment_args
 from ._alloc import empty
-from ._checks import check_mask, float_dtype
-from .backend import as_numpy
-from .config import SynAPOParams
-from .ea_gae import EA_GAE_EPS, check_ea_gae_args
-from .gae import check_gae_args
-from .hvm import check_hvm_args
-from .metrics import METRICS
-from .segments import check_segment_args
 
-if TYPE_CHECKING:
-    from .stage import StageInputs, SynAPOAdvantages
+__all__ = ["FusedOutputs", "stage", "stage_mask"]
 
-# columns of the kernels' per-row statistics (see _numba_stage.py, which numba imports lazily)
-N_VALID, LAM_SUM, LAM_MIN, LAM_MAX, ENTROPY_SUM, SEGMENTS, ADV_MEAN, ADV_M2 = range(8)
-STATS = 8
+
+def as_numpy(x: torch.Tensor):
+    """A contiguous CPU tensor's memory as a numpy array (no copy when already contiguous)."""
+    return x.detach().contiguous().numpy()
 
 
 # a mask is read as the signed integers of its bits, one compiled variant per element size
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@backend.register("stage_mask", "numba")
-def numba_stage_mask(k: SimpleNamespace, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """stage.py's torch `stage_mask` in one pass over a mask of any dtype (bool, integer or float): the bool mask
-    (the input itself when bool) and each row's length (last valid position + 1, int64 (B,))."""
+def stage_mask(k: SimpleNamespace, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch stage's `_mask_torch` (core/stage.py) in one pass over a mask of any dtype (bool, integer or
+    float): the bool mask (the input itself when bool) and each row's length (last valid position + 1, int64 (B,))."""
     B, T = response_mask.shape
     lengths = torch.empty(B, dtype=torch.long)
     if response_mask.dtype == torch.bool:
@@ -62,18 +60,38 @@ def _array(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.to(dtype)
 
 
-@backend.register("stage", "numba")
-def numba_stage(k: SimpleNamespace, params: SynAPOParams, x: StageInputs) -> SynAPOAdvantages:
-    """`stage` on rows that each hold a valid token (B > 0): see stage.py's torch `stage`."""
-    from .stage import SynAPOAdvantages, check_actor_lambda_inputs  # stage.py imports this module
+class FusedOutputs(NamedTuple):
+    """`stage`'s outputs, the fields of `SynAPOAdvantages` it fills (see there)."""
 
-    mask, rewards, values = x.response_mask, x.rewards, x.values
-    global_values, entropy, response_ids = x.global_values, x.entropy, x.response_ids
-    boundary_table, return_lam, return_seg_ids = x.boundary_table, x.return_lam, x.return_seg_ids
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    lam: torch.Tensor | float | None
+    global_returns: torch.Tensor | None
+    start_mask: torch.Tensor | None
+    seg_ids: torch.Tensor | None
+    metrics: dict[str, float]
+
+
+def stage(
+    k: SimpleNamespace,
+    params: SynAPOParams,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    global_values: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    response_ids: torch.Tensor | None,
+    boundary_table: torch.Tensor | None,
+    return_lam: bool,
+    return_seg_ids: bool,
+) -> FusedOutputs:
+    """The torch stage's `_stage_torch` (core/stage.py) on rows that each hold a valid token (B > 0, `mask` bool),
+    with the kernels `k` (`kernels.SERIAL` or `kernels.PARALLEL`)."""
+    from . import kernels  # numba: imported when the fused stage runs
+
     B, T = mask.shape
     adaptive = params.length_adaptive_lambda
     use_entropy = adaptive and params.ea_gae_enabled
-    check_actor_lambda_inputs(params, entropy)
     # shapes, types and parameters here; NaN/inf and ids outside the table in the kernels' first pass per row
     ea_kw = {
         "alpha": params.ea_gae_alpha,
@@ -105,7 +123,7 @@ def numba_stage(k: SimpleNamespace, params: SynAPOParams, x: StageInputs) -> Syn
     lam = empty((B, T), lam_dtype) if return_lam and adaptive else None
     no_lam = torch.full((1, 1), float(params.gae_lambda), dtype=lam_dtype)
     advantages, returns = empty((B, T), dtype), empty((B, T), dtype)
-    row_stats = torch.empty(B, STATS, dtype=torch.float64)
+    row_stats = torch.empty(B, kernels.STATS, dtype=torch.float64)
     bad = torch.zeros(B, dtype=torch.long)
     lam_args = (adaptive, float(params.gae_lambda), params.ea_gae_alpha, beta, EA_GAE_EPS, lambda_min, lambda_max)
     whiten = params.whiten_advantages
@@ -143,29 +161,31 @@ def numba_stage(k: SimpleNamespace, params: SynAPOParams, x: StageInputs) -> Syn
         _whiten_in_place(k, advantages, row_stats)
 
     metrics: dict[str, float] = {}
-    count = float(row_stats[:, N_VALID].sum())
+    count = float(row_stats[:, kernels.N_VALID].sum())
     if adaptive:
-        metrics[METRICS.lambda_mean] = float(row_stats[:, LAM_SUM].sum()) / count
-        metrics[METRICS.lambda_min] = float(row_stats[:, LAM_MIN].min())
-        metrics[METRICS.lambda_max] = float(row_stats[:, LAM_MAX].max())
+        metrics[METRICS.lambda_mean] = float(row_stats[:, kernels.LAM_SUM].sum()) / count
+        metrics[METRICS.lambda_min] = float(row_stats[:, kernels.LAM_MIN].min())
+        metrics[METRICS.lambda_max] = float(row_stats[:, kernels.LAM_MAX].max())
     if use_entropy:
-        metrics[METRICS.entropy_mean] = float(row_stats[:, ENTROPY_SUM].sum()) / count
+        metrics[METRICS.entropy_mean] = float(row_stats[:, kernels.ENTROPY_SUM].sum()) / count
     if params.hvm_enabled:
-        metrics[METRICS.segments_mean] = float(row_stats[:, SEGMENTS].mean())
+        metrics[METRICS.segments_mean] = float(row_stats[:, kernels.SEGMENTS].mean())
     lam_out = lam if adaptive else params.gae_lambda
     if adaptive and not return_lam:
         lam_out = None
-    return SynAPOAdvantages(advantages, returns, lam_out, global_returns, start_mask, seg_ids, metrics=metrics)
+    return FusedOutputs(advantages, returns, lam_out, global_returns, start_mask, seg_ids, metrics)
 
 
 def _whiten_in_place(k: SimpleNamespace, advantages: torch.Tensor, row_stats: torch.Tensor) -> None:
     """verl's masked_whiten from per-row (count, mean, centred sum of squares), combined in float64 (Chan et al.),
-    then one in-place pass: (A - mean) * rsqrt(var + 1e-8)."""
-    n = row_stats[:, N_VALID]
+    then one in-place pass: (A - mean) * rsqrt(var + WHITEN_EPS)."""
+    from . import kernels
+
+    n = row_stats[:, kernels.N_VALID]
     count = float(n.sum())
     if count < 2:
         raise ValueError(f"whitening needs at least 2 valid tokens in `response_mask`, got {int(count)}")
-    row_mean = row_stats[:, ADV_MEAN]
+    row_mean = row_stats[:, kernels.ADV_MEAN]
     mean = float((n * row_mean).sum()) / count
-    m2 = float((row_stats[:, ADV_M2] + n * (row_mean - mean) ** 2).sum())
-    k.shift_scale(as_numpy(advantages), mean, (m2 / (count - 1) + 1e-8) ** -0.5)
+    m2 = float((row_stats[:, kernels.ADV_M2] + n * (row_mean - mean) ** 2).sum())
+    k.shift_scale(as_numpy(advantages), mean, (m2 / (count - 1) + WHITEN_EPS) ** -0.5)
