@@ -4,6 +4,7 @@ left out the segment ids it was not asked for)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ DEMO = Path(__file__).resolve().parents[2] / "examples" / "advantages_demo.py"
 def _demo():
     spec = importlib.util.spec_from_file_location("advantages_demo", DEMO)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
