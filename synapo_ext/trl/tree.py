@@ -139,6 +139,7 @@ def grow_trees(
     max_length: int,
     stop_ids: set[int],
     eos_ids: set[int],
+    any_process: Callable[[bool], bool] = bool,
 ) -> tuple[list[list[int]], TreeRollout]:
     """Grow each group's trees level by level; returns the leaves' completions (in `prompt_ids`' order) and the tree.
 
@@ -149,6 +150,9 @@ def grow_trees(
         segments: delimiter tokens a level generates before it branches (the last level runs to the end).
         max_length: the completion length budget (`max_completion_length`).
         stop_ids, eos_ids: delimiter token ids; eos ids.
+        any_process: whether a flag is True on any process (an all-reduce). Under FSDP / ZeRO-3 every `generate`
+            call is collective, so a process whose nodes have all ended makes a throw-away call (one token) while
+            another still generates: every process makes the same number of calls.
     """
     G = roots * branching**depth
     B = len(prompt_ids)
@@ -176,13 +180,16 @@ def grow_trees(
         new: list[list[int]] = [[] for _ in prefixes]
         closed = [0] * len(prefixes)
         active = [k for k, done in enumerate(ended) if not done]
-        while active:
+        while True:
             budgets = {k: max_length - len(prefixes[k]) - len(new[k]) for k in active}
             for k in [k for k in active if budgets[k] <= 0]:
                 ended[k] = True
             active = [k for k in active if budgets[k] > 0]
-            if not active:
+            if not any_process(bool(active)):
                 break
+            if not active:  # another process still generates: take part in its collective generate call
+                generate([list(prompt_ids[0])], 1, not last)
+                continue
             prompts = [list(prompt_ids[(k // nodes_per_group) * G]) + prefixes[k] + new[k] for k in active]
             outputs = generate(prompts, max(budgets[k] for k in active), not last)
             still = []
@@ -287,10 +294,17 @@ class TreeRolloutMixin:
             max_length=self.max_completion_length,
             stop_ids=set(self._tree_stop_ids),
             eos_ids=eos,
+            any_process=self._any_process,
         )
         self._tree_rollout = tree
         self._log_rollout_tokens(tree.generated, tree.leaf, tree.ended_early, tree.inner_nodes)
         return completion_ids, None
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        count = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(count, "sum").item() > 0)
 
     def _generate_level(
         self, prompts: list[list[int]], max_new_tokens: int, stop_at_delimiter: bool

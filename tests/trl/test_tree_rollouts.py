@@ -94,6 +94,23 @@ def test_grow_trees_respects_the_length_budget_and_segments():
     assert all(len(c) == 6 for c in completions) and tree.branch_positions.tolist() == [[4], [4]]
 
 
+def test_grow_trees_keeps_step_with_other_processes():
+    # this process's nodes all end at once; another process generates two more rounds at each level
+    calls, rounds = [], iter([True, True, True, False, True, True, True, False])
+
+    def generate(prompts, max_new_tokens, stop_at_delimiter):
+        calls.append((len(prompts), max_new_tokens))
+        return [[1] for _ in prompts]
+
+    completions, tree = grow_trees(
+        [[0]] * 2, generate, roots=1, branching=2, depth=1, segments=1, max_length=4, stop_ids={7}, eos_ids={1},
+        any_process=lambda flag: next(rounds),
+    )  # fmt: skip
+    # level 0: the real call, then 2 throw-away calls; level 1 (no node left here): 3 throw-away calls
+    assert calls == [(1, 4), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1)]
+    assert completions == [[1], [1]] and tree.generated == 1
+
+
 def test_grow_trees_refuses_mixed_groups():
     with pytest.raises(ValueError, match="different prompts"):
         grow_trees(
