@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from ..core import METRICS, SCVLSides, compute_synapo_advantages, masked_whiten
+from ..core import METRICS, SCVLPairs, SCVLSides, compute_synapo_advantages, masked_whiten, scvl_sides
 from .critic import critic_values
 from .update import HELDOUT_VF_LOSS, CriticBatch, critic_health, update_critic
 
@@ -152,6 +152,8 @@ class SynAPOStageMixin:
         means = dict(result.metrics)
         means.pop(METRICS.rows_empty)  # the core's count includes the unscored rows: counted apart above
         totals.update({name: means.pop(name) / scope_world for name in COUNTS if name in means})
+        # the critic's held-out numbers on this fresh batch (eval rollouts too: the critic never trains on those)
+        means.update(self._explained_variance(result.returns.float(), values[..., 0], learn_mask))
         if mode != "train":
             return means, totals
 
@@ -166,7 +168,6 @@ class SynAPOStageMixin:
             result.scvl_sides,
             totals.get(METRICS.scvl_pairs, 0.0),
         )
-        means.update(self._explained_variance(batch.returns, values[..., 0], learn_mask))
         generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
         prepared = self._prepare_critic()
         means.update(
@@ -229,6 +230,7 @@ class SynAPOStageMixin:
         result = compute_synapo_advantages(
             core_params, boundary_table=self.boundary_table, group_ids=group_ids, **per_row
         )
+        _drop_pairs_diverging_off_mask(result, per_row["response_mask"])
         if whiten_across:
             result.advantages = masked_whiten(
                 result.advantages, mask, sum_over_processes=lambda t: accelerator.reduce(t, "sum")
@@ -262,3 +264,21 @@ class SynAPOStageMixin:
     def _explained_variance(returns, values, mask) -> dict[str, float]:
         """The critic's held-out numbers (`critic_health`); a method so benchmarks can add their own figures."""
         return critic_health(returns, values, mask)
+
+
+def _drop_pairs_diverging_off_mask(result, mask: torch.Tensor) -> None:
+    """Keep the SCVL pairs whose first divergence is a token the policy chose in both rows (mask 1); drop those that
+    diverge at a token the mask leaves out, e.g. a tool's output in a multi-turn rollout (TRL's `tool_mask`): SCVL
+    ranks the states after a policy choice, and a tool's output is the environment's. `mask`: (B, T) 0/1 of the
+    core's rows; `result.scvl`, its values, sides and pair count are cut in place."""
+    pairs = result.scvl
+    if pairs is None or pairs.pos_index.numel() == 0:
+        return
+    valid = mask.bool()
+    keep = valid[pairs.pos_index, pairs.diverge_index] & valid[pairs.neg_index, pairs.diverge_index]
+    if bool(keep.all()):
+        return
+    result.scvl = SCVLPairs(*(x[keep] for x in pairs))
+    result.scvl_pos_values, result.scvl_neg_values = result.scvl_pos_values[keep], result.scvl_neg_values[keep]
+    result.scvl_sides = scvl_sides(result.scvl, result.scvl_pos_values, result.scvl_neg_values)
+    result.metrics[METRICS.scvl_pairs] = float(keep.sum())
