@@ -198,6 +198,14 @@ def test_tree_rollouts_train_with_tree_advantages(make_trainer, tokenizer, prese
     assert {"rollout/generated_tokens", "rollout/leaf_tokens", "rollout/tree_token_ratio"} <= logged
 
 
+def test_evaluation_samples_independently(make_trainer, rollout_inputs):
+    trainer = make_trainer("synapo", max_completion_length=6, **TREE)
+    trainer.model.eval()
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer))
+    assert output["advantages"].shape == output["completion_ids"].shape
+    assert trainer._tree_rollout is None and trainer.rollout_token_counts == {"generated": 0, "leaf": 0}
+
+
 def test_independent_samples_count_their_tokens(make_trainer, rollout_inputs):
     trainer = make_trainer("vapo", max_completion_length=6)
     trainer.model.train()
