@@ -7,7 +7,14 @@ import os
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .critic import check_resumable, is_sharded_checkpoint, load_critic_state, save_critic_state
+from .critic import (
+    check_checkpoint_fits,
+    check_resumable,
+    is_sharded_checkpoint,
+    load_critic_state,
+    read_counters,
+    save_critic_state,
+)
 from .critic_weights import SHARDED_DIR, full_critic_state_dict, load_critic_sharded, save_critic_sharded
 
 __all__ = ["CheckpointMixin"]
@@ -61,6 +68,7 @@ class CheckpointMixin:
             "warmup_finished": self._warmup_finished,
             "warmup_stop_reason": self._warmup_stop_reason,
             "critic_updates": self._critic_updates,
+            "run": self._critic_run(),  # what shaped the critic: checked first on resume
         }
         if self._critic_sharded():  # every rank: its shards, then the gathered export on the main process
             prepared = self._prepare_critic()
@@ -88,17 +96,29 @@ class CheckpointMixin:
             use_mtime=True,
         )
 
+    def _critic_run(self) -> dict:
+        """The settings that shape the critic: the preset, HVM (two heads) or not."""
+        return {
+            "preset": self.args.preset,
+            "hvm_enabled": self.synapo.hvm_enabled,
+            "num_heads": 2 if self.synapo.hvm_enabled else 1,
+        }
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        """TRL's `train`; a checkpoint to resume from must be complete (its critic part is written last).
+        """TRL's `train`; a checkpoint to resume from must be complete and undamaged (its critic part is written
+        last, with a SHA-256 of every file) and its critic must fit this run's, checked before TRL loads anything.
 
         Raises:
-            IncompleteCheckpointError: the checkpoint's critic part is missing or partial, naming the last complete
-                checkpoint beside it, if any.
+            IncompleteCheckpointError: the checkpoint's critic part is missing, partial or damaged
+                (`DamagedCheckpointError`), naming the file and the last complete checkpoint beside it, if any.
+            ValueError: the checkpoint's critic has another number of heads (preset / `hvm_enabled`), architecture
+                or tensor shapes than this run's, naming the setting.
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: TRL's own error
         if isinstance(resume_from_checkpoint, str):
             check_resumable(resume_from_checkpoint)
+            check_checkpoint_fits(resume_from_checkpoint, self.critic, self._critic_run())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -122,6 +142,7 @@ class CheckpointMixin:
             counters = load_critic_state(checkpoint, None, None, self._critic_lr_scheduler())
         else:
             counters = load_critic_state(checkpoint, self.critic, self.critic_optimizer, self._critic_lr_scheduler())
+        counters = read_counters(checkpoint, counters)
         self._warmup_done = counters["warmup_done"]
         self._warmup_finished = True  # a checkpoint comes after a training step, so after the warm-up
         self._warmup_stop_reason = counters.get("warmup_stop_reason")

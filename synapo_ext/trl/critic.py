@@ -21,15 +21,28 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .critic_arch import base_model_state_dict, critic_class, head_name, is_peft_model
+from .critic_files import (
+    DamagedCheckpointError,
+    IncompleteCheckpointError,
+    check_counters,
+    check_critic_fits,
+    describe_files,
+    file_sha256,
+    read_json,
+    read_manifest,
+)
 
 __all__ = [
+    "DamagedCheckpointError",
     "IncompleteCheckpointError",
     "build_critic",
+    "check_checkpoint_fits",
     "check_critic_state",
     "check_resumable",
     "critic_values",
     "is_sharded_checkpoint",
     "load_critic_state",
+    "read_counters",
     "save_critic_state",
 ]
 
@@ -132,10 +145,6 @@ def _unwrapped(critic: nn.Module) -> nn.Module:
     return getattr(critic, "module", critic)
 
 
-class IncompleteCheckpointError(ValueError):
-    """A checkpoint whose critic part is missing or partial (a save was interrupted): it cannot be resumed exactly."""
-
-
 def save_critic_state(
     output_dir: str,
     critic: nn.Module,
@@ -151,10 +160,10 @@ def save_critic_state(
     Everything goes into a temporary sibling folder: the weights (safetensors + config, `from_pretrained` loads them;
     `state_dict`, when given, is what is written, e.g. the full weights gathered from a sharded critic), then, if
     given, the optimizer's and scheduler's `state_dict()`s and the trainer's counters (`state`), and last a manifest
-    of every file and its size. A sharded critic's weights and optimizer live in `output_dir/<sharded_dir>/`, written
-    before by every rank (`critic_weights.save_critic_sharded`): its files and sizes go into the manifest too, so the
-    check on resume covers them. The folder is then renamed to `critic/` (atomic on one file system), so a kill at
-    any point leaves either the previous `critic/` or the new one, never a mix.
+    of every file, its size and SHA-256 (`critic_files`). A sharded critic's weights and optimizer live in
+    `output_dir/<sharded_dir>/`, written before by every rank (`critic_weights.save_critic_sharded`): its files go
+    into the manifest too, so the check on resume covers them. The folder is then renamed to `critic/` (atomic on
+    one file system), so a kill at any point leaves either the previous `critic/` or the new one, never a mix.
     """
     final = os.path.join(output_dir, CRITIC_DIR)
     os.makedirs(output_dir, exist_ok=True)
@@ -169,10 +178,12 @@ def save_critic_state(
         torch.save(scheduler.state_dict(), os.path.join(tmp, SCHEDULER_FILE))
     if state is not None:
         _write_json(os.path.join(tmp, STATE_FILE), state)
-    files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-    manifest = {"format": 1, "files": files}
+    manifest = {"format": 2, "files": describe_files({name: os.path.join(tmp, name) for name in os.listdir(tmp)})}
     if sharded_dir is not None:
-        manifest["sharded"] = {"dir": sharded_dir, "files": _tree_sizes(os.path.join(output_dir, sharded_dir))}
+        manifest["sharded"] = {
+            "dir": sharded_dir,
+            "files": describe_files(_tree(os.path.join(output_dir, sharded_dir))),
+        }
     _write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
     old = None
     if os.path.exists(final):  # an export over an older one: move it aside first (os.replace needs no target)
@@ -185,11 +196,12 @@ def save_critic_state(
 
 
 def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
-    """Raise `IncompleteCheckpointError` unless `checkpoint/critic/` is complete.
+    """Raise `IncompleteCheckpointError` unless `checkpoint/critic/` is complete and undamaged.
 
     Complete: its manifest exists and lists every file with its size, and (with `training_state`) the optimizer,
     scheduler and counters are among them; a sharded critic's optimizer is in the sharded part, whose files the
-    manifest lists with their sizes too.
+    manifest lists too. Undamaged: the manifest reads, and every file has the SHA-256 it recorded
+    (`DamagedCheckpointError` otherwise; a manifest of an older synapo_ext has sizes only).
     """
     critic_dir = os.path.join(checkpoint, CRITIC_DIR)
     manifest_path = os.path.join(critic_dir, MANIFEST_FILE)
@@ -199,24 +211,33 @@ def check_critic_state(checkpoint: str, *, training_state: bool = True) -> None:
         raise IncompleteCheckpointError(
             f"{critic_dir} has no {MANIFEST_FILE}: it was written partly, or by an older synapo_ext"
         )
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(manifest_path)
     files, sharded = manifest["files"], manifest.get("sharded")
     required = ([] if sharded else [OPTIMIZER_FILE]) + [SCHEDULER_FILE, STATE_FILE] if training_state else []
     missing = [name for name in required if name not in files]
     if not {WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ADAPTER_FILE} & set(files):
         missing.append(WEIGHTS_FILE)
-    listed = [(os.path.join(critic_dir, name), size) for name, size in files.items()]
+    listed = [(os.path.join(critic_dir, name), entry) for name, entry in files.items()]
     if sharded:
-        listed += [(os.path.join(checkpoint, sharded["dir"], name), size) for name, size in sharded["files"].items()]
+        listed += [(os.path.join(checkpoint, sharded["dir"], name), entry) for name, entry in sharded["files"].items()]
     bad = [
         os.path.relpath(path, critic_dir)
-        for path, size in listed
-        if not os.path.isfile(path) or os.path.getsize(path) != size
+        for path, entry in listed
+        if not os.path.isfile(path) or os.path.getsize(path) != entry["size"]
     ]
     if missing or bad:
         raise IncompleteCheckpointError(
             f"{critic_dir} is incomplete: missing from the manifest {missing}, missing or of the wrong size {bad}"
+        )
+    changed = [
+        os.path.relpath(path, critic_dir)
+        for path, entry in listed
+        if entry["sha256"] is not None and file_sha256(path) != entry["sha256"]
+    ]
+    if changed:
+        raise DamagedCheckpointError(
+            f"{critic_dir} is damaged: {changed} differ from the SHA-256 recorded in {MANIFEST_FILE} when the "
+            "checkpoint was saved (changed or corrupted on disk since)"
         )
 
 
@@ -226,10 +247,20 @@ def load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer=None,
     safetensors and `torch.load(weights_only=True)`.
 
     Raises:
-        IncompleteCheckpointError: the critic part is missing or partial.
-        ValueError: the weights do not fit the critic (missing or unexpected keys), naming them; or `optimizer` is
-            given for a checkpoint whose critic optimizer is in a sharded part.
+        IncompleteCheckpointError: the critic part is missing, partial or damaged (`DamagedCheckpointError`: a
+            checksum differs or a file cannot be read), naming the folder, the file and the checkpoint to resume
+            from instead.
+        ValueError: the weights do not fit the critic (another number of heads, architecture or tensor shapes;
+            missing or unexpected keys), naming what differs; or `optimizer` is given for a checkpoint whose critic
+            optimizer is in a sharded part.
     """
+    try:
+        return _load_critic_state(checkpoint, critic, optimizer, scheduler)
+    except IncompleteCheckpointError as err:
+        raise type(err)(f"{err}; {resume_hint(checkpoint)}") from err
+
+
+def _load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer, scheduler) -> dict:
     check_critic_state(checkpoint)
     critic_dir = os.path.join(checkpoint, CRITIC_DIR)
     if optimizer is not None and is_sharded_checkpoint(checkpoint):
@@ -247,8 +278,10 @@ def load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer=None,
                 f"critic is {'PEFT-wrapped' if is_peft_model(model) else 'not'}: resume with the same "
                 "`critic_peft_config`"
             )
+        check_checkpoint_fits(checkpoint, model)
         if peft_saved:
-            missing, unexpected = _load_adapter(model, load_file(os.path.join(critic_dir, ADAPTER_FILE), device))
+            state_dict = _load_file(critic_dir, ADAPTER_FILE, device)
+            missing, unexpected = _load_adapter(model, state_dict)
         else:
             missing, unexpected = model.load_state_dict(_read_weights(critic_dir, device=device), strict=False)
         if missing or unexpected:
@@ -258,9 +291,54 @@ def load_critic_state(checkpoint: str, critic: nn.Module | None, optimizer=None,
             )
     for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is not None:
-            obj.load_state_dict(torch.load(os.path.join(critic_dir, name), map_location="cpu", weights_only=True))
-    with open(os.path.join(critic_dir, STATE_FILE)) as f:
-        return json.load(f)
+            path = os.path.join(critic_dir, name)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # torch's unpickling errors have no common base class
+                raise DamagedCheckpointError(f"{path} cannot be read: {type(err).__name__}: {err}") from err
+            try:
+                obj.load_state_dict(state)
+            except (KeyError, ValueError, TypeError, RuntimeError) as err:
+                raise ValueError(
+                    f"{path} does not fit this run's critic {type(obj).__name__.lower()} ({type(err).__name__}: "
+                    f"{err}): resume with the critic model, preset and `critic_peft_config` that wrote {checkpoint}"
+                ) from err
+    counters = read_json(os.path.join(critic_dir, STATE_FILE), "the trainer's counters")
+    if not isinstance(counters, dict):
+        raise DamagedCheckpointError(f"{os.path.join(critic_dir, STATE_FILE)} is damaged: not a JSON object")
+    return counters
+
+
+def read_counters(checkpoint: str, counters: dict) -> dict:
+    """`counters` (what `load_critic_state` returned for `checkpoint`) checked as `SynAPOTrainer`'s.
+
+    Raises:
+        DamagedCheckpointError: a counter missing or of the wrong type, naming the file and the checkpoint to
+            resume from instead.
+    """
+    try:
+        return check_counters(counters, os.path.join(checkpoint, CRITIC_DIR, STATE_FILE))
+    except DamagedCheckpointError as err:
+        raise DamagedCheckpointError(f"{err}; {resume_hint(checkpoint)}") from err
+
+
+def check_checkpoint_fits(checkpoint: str, critic: nn.Module, run: dict | None = None) -> None:
+    """Raise a `ValueError` naming the setting that differs (value heads and the preset that set them, the critic's
+    architecture, tensor shapes) when `checkpoint`'s critic cannot be loaded into `critic`; `run`: this run's
+    {"preset", "hvm_enabled", "num_heads"}, compared with what the checkpoint's counters recorded."""
+    critic_dir = os.path.join(checkpoint, CRITIC_DIR)
+    state_path = os.path.join(critic_dir, STATE_FILE)
+    model = _unwrapped(critic)
+    try:
+        saved = read_json(state_path, "the trainer's counters") if os.path.isfile(state_path) else None
+        saved_run = saved.get("run") if isinstance(saved, dict) and isinstance(saved.get("run"), dict) else None
+        if is_peft_model(model) or os.path.isfile(os.path.join(critic_dir, ADAPTER_FILE)):
+            weight_files = []  # an adapter's keys are PEFT's: heads and config are still compared
+        else:
+            weight_files = _weight_files(critic_dir)
+        check_critic_fits(checkpoint, critic_dir, model, weight_files=weight_files, saved_run=saved_run, run=run)
+    except DamagedCheckpointError as err:
+        raise DamagedCheckpointError(f"cannot resume from {checkpoint}: {err}; {resume_hint(checkpoint)}") from err
 
 
 def _load_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -278,55 +356,80 @@ def is_sharded_checkpoint(checkpoint: str) -> bool:
     manifest_path = os.path.join(checkpoint, CRITIC_DIR, MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
         return False
-    with open(manifest_path) as f:
-        return bool(json.load(f).get("sharded"))
+    return bool(read_manifest(manifest_path).get("sharded"))
 
 
-def _tree_sizes(root: str) -> dict[str, int]:
-    """{path relative to `root`: size} of every file below `root`."""
+def _tree(root: str) -> dict[str, str]:
+    """{path relative to `root`: path} of every file below `root`."""
     return {
-        os.path.relpath(os.path.join(folder, name), root): os.path.getsize(os.path.join(folder, name))
+        os.path.relpath(os.path.join(folder, name), root): os.path.join(folder, name)
         for folder, _, names in sorted(os.walk(root))
         for name in sorted(names)
     }
 
 
+def _weight_files(critic_dir: str) -> list[str]:
+    """The safetensors files `save_pretrained` wrote: one file, or the shards its index lists."""
+    index = os.path.join(critic_dir, WEIGHTS_INDEX_FILE)
+    if not os.path.isfile(index):
+        return [WEIGHTS_FILE]
+    weight_map = read_json(index, "the critic's weights index")
+    if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+        raise DamagedCheckpointError(f"{index} is damaged: no `weight_map`")
+    return sorted(set(weight_map["weight_map"].values()))
+
+
+def _load_file(critic_dir: str, name: str, device: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(critic_dir, name)
+    try:
+        return load_file(path, device=device)
+    except Exception as err:  # safetensors' errors have no common base class
+        raise DamagedCheckpointError(f"{path} cannot be read: {type(err).__name__}: {err}") from err
+
+
 def _read_weights(critic_dir: str, device: str) -> dict[str, torch.Tensor]:
     """The state dict `save_pretrained` wrote: one safetensors file, or the shards its index lists."""
-    index = os.path.join(critic_dir, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = [WEIGHTS_FILE]
     state_dict: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state_dict.update(load_file(os.path.join(critic_dir, shard), device=device))
+    for shard in _weight_files(critic_dir):
+        state_dict.update(_load_file(critic_dir, shard, device))
     return state_dict
 
 
 def check_resumable(checkpoint: str) -> None:
-    """Raise `IncompleteCheckpointError` unless `checkpoint`'s critic part is complete, naming the last complete
-    checkpoint in the same folder."""
+    """Raise `IncompleteCheckpointError` unless `checkpoint`'s critic part is complete and undamaged, naming the
+    checkpoint to resume from instead."""
     try:
         check_critic_state(checkpoint)
     except IncompleteCheckpointError as err:
-        parent = os.path.dirname(os.path.normpath(checkpoint))
-        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-        steps = sorted(
-            (int(m.group(1)), name) for name in os.listdir(parent) if (m := pattern.match(name)) is not None
+        why = (
+            "It is damaged, so resuming would load a wrong critic"
+            if isinstance(err, DamagedCheckpointError)
+            else "Its save was interrupted, so resuming would restart the critic (warm-up, Adam state, counters) "
+            "silently"
         )
-        complete = [os.path.join(parent, name) for _, name in steps if _is_complete(os.path.join(parent, name))]
-        hint = (
-            f"resume from {complete[-1]}, the last complete checkpoint (resume_from_checkpoint={complete[-1]!r}), "
-            f"after deleting {checkpoint}"
-            if complete
-            else "no complete checkpoint is left in that folder: start again without resume_from_checkpoint"
-        )
-        raise IncompleteCheckpointError(
-            f"cannot resume from {checkpoint}: {err}. Its save was interrupted, so resuming would restart the critic "
-            f"(warm-up, Adam state, counters) silently; {hint}"
-        ) from err
+        raise type(err)(f"cannot resume from {checkpoint}: {err}. {why}; {resume_hint(checkpoint)}") from err
+
+
+def resume_hint(checkpoint: str) -> str:
+    """What to do instead of resuming from `checkpoint`: the newest complete checkpoint before it in its folder (else
+    the newest complete one after it), or start again."""
+    checkpoint = os.path.normpath(checkpoint)
+    parent = os.path.dirname(checkpoint)
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    steps = sorted((int(m.group(1)), name) for name in names if (m := pattern.match(name)) is not None)
+    here = pattern.match(os.path.basename(checkpoint))
+    step = int(here.group(1)) if here else None
+    others = [(s, os.path.join(parent, name)) for s, name in steps if os.path.join(parent, name) != checkpoint]
+    before = [path for s, path in others if step is None or s < step]
+    after = [path for s, path in others if step is not None and s > step]
+    for path in [*reversed(before), *after]:  # the newest before it first; checked one at a time
+        if _is_complete(path):
+            return (
+                f"resume from {path}, the last complete checkpoint (resume_from_checkpoint={path!r}), after "
+                f"deleting {checkpoint}"
+            )
+    return "no complete checkpoint is left in that folder: start again without resume_from_checkpoint"
 
 
 def _is_complete(checkpoint: str) -> bool:

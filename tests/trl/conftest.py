@@ -24,6 +24,11 @@ def tokenizer():
 def make_trainer(tmp_path, tokenizer):
     """`make_trainer(preset=..., **config_overrides)` -> an untrained SynAPOTrainer on the tiny task; `model`,
     `train_dataset` and `trainer_kwargs` (more SynAPOTrainer keywords) replace the tiny task's parts."""
+    return trainer_factory(tmp_path, tokenizer)
+
+
+def trainer_factory(tmp_path, tokenizer):
+    """`make_trainer`'s factory, writing to `tmp_path / "out"` (for fixtures of a wider scope)."""
     from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
 
     def factory(
