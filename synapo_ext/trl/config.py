@@ -135,6 +135,15 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
         rollout_tree_local_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the critic's in-segment GAE added to the tree's node advantages (`0`: tree advantages only).
 
+        > GRPO's reward normalisation (docs/trl_features.md classifies every GRPOConfig field)
+
+        scale_rewards (`str`, *optional*, defaults to `"none"`):
+            Only `"none"`: SynAPO's advantages come from a critic and are scaled by `whiten_advantages`; `"group"` /
+            `"batch"` (GRPO's default is `"group"`) are refused.
+        multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
+            Only `"sum_then_normalize"`: a row's score is `sum_k reward_weights[k] * reward_k` of the raw rewards,
+            the "normalize" being the critic's baseline; `"normalize_then_sum"` is refused.
+
         > The write-up's spelling
 
         ppo_epochs (`int`, *optional*):

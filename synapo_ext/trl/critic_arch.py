@@ -72,7 +72,8 @@ def _value_head_class(backbone: type[PreTrainedModel]) -> type[PreTrainedModel]:
         if issubclass(cls, PreTrainedModel) and cls is not PreTrainedModel and cls.__name__.endswith("PreTrainedModel")
     )
     name = pretrained.__name__.removesuffix("PreTrainedModel") + "ValueModel"
-    namespace = {"base_model_prefix": pretrained.base_model_prefix or "model", "__module__": __name__}
+    # transformers inspects the class's module source to decide which attention / experts kernels it may set
+    namespace = {"base_model_prefix": pretrained.base_model_prefix or "model", "__module__": pretrained.__module__}
     return type(name, (GenericForTokenClassification, pretrained), namespace)
 
 

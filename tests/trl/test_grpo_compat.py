@@ -144,6 +144,31 @@ def test_critic_for_a_model_type_with_no_token_classifier(tokenizer, tmp_path):
     assert not _backbone_equal(loaded, critic.state_dict())
 
 
+NO_TOKEN_CLASSIFIER = ("cohere2", "glm4_moe", "gemma3_text", "olmo2", "lfm2")  # falcon_h1, nemotron_h: slow on CPU
+
+
+@pytest.mark.parametrize("model_type", NO_TOKEN_CLASSIFIER)
+def test_critic_for_every_reported_model_type(model_type):
+    # the model types of issue 23 (transformers has no *ForTokenClassification for them): a value-head critic seeded
+    # from the policy's backbone, values (B, T, 2) from a zero head
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "head_dim": 8}
+    small |= {"num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 1}
+    config = AutoConfig.for_model(model_type, **small)
+    if model_type == "glm4_moe":
+        config.n_routed_experts, config.moe_intermediate_size, config.num_experts_per_tok = 4, 16, 2
+        config.first_k_dense_replace, config.n_group, config.topk_group = 1, 1, 1
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(config)
+    critic = build_critic(None, policy, num_heads=2)
+    assert type(critic).__name__.endswith("ValueModel")
+    assert not _backbone_equal(critic, policy.state_dict())
+    ids = torch.randint(2, 64, (2, 6))
+    values = critic_values(critic, ids, torch.ones_like(ids), 3)
+    assert values.shape == (2, 3, 2) and values.abs().sum() == 0
+
+
 def test_critic_of_unknown_architecture_names_critic_model(tokenizer, monkeypatch):
     from transformers import AutoModel
 
