@@ -249,3 +249,18 @@ def test_config_refuses_trees_split_across_processes(tmp_path):
 def test_trainer_refuses_a_tokenizer_without_the_delimiter_token(make_trainer):
     with pytest.raises(ValueError, match="tree rollouts branch .* `hvm_delimiters`"):
         make_trainer("vapo", processing_class=make_tokenizer(with_delimiter=False), **TREE)
+
+
+@pytest.mark.slow
+def test_tree_rollouts_keep_two_ranks_in_step(torchrun, tmp_path):
+    # DDP, then FSDP2 (collective generate): each rank grows its own trees, needing different numbers of calls
+    import json
+
+    torchrun("_tree_dist_run.py", str(tmp_path), timeout=900, env={"ACCELERATE_USE_CPU": "true"})
+    for mode in ("ddp", "fsdp2"):
+        ranks = [json.load(open(tmp_path / mode / f"rank{r}.json")) for r in range(2)]
+        assert ranks[0]["backend"] == mode
+        assert len(ranks[0]["calls"]) == len(ranks[1]["calls"])  # the same number of generate calls
+        assert ranks[0]["counts"] == ranks[1]["counts"]  # summed over both ranks
+        assert 0 < ranks[0]["counts"]["generated"] < ranks[0]["counts"]["leaf"]
+        assert "rollout/generated_tokens" in ranks[0]["keys"]
