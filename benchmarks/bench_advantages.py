@@ -24,7 +24,8 @@ them alike; medians over rounds; the loop runs at most `loop_budget_s` of rounds
 Peak memory, per size and function, in a fresh child process (glibc returns freed blocks to the system at once
 there, MALLOC_MMAP_THRESHOLD_=65536): the process's peak resident memory during one call minus before it (Linux
 /proc/self/clear_refs resets the peak), i.e. the extra bytes over the inputs, next to the bytes of the outputs.
-Writes benchmarks/results/<out_name>.md (tables) and .json (raw timings, versions, arguments).
+Writes benchmarks/out/<out_name>.md (tables) and .json (raw timings, versions, arguments); with --results, to
+benchmarks/results/ (the committed tables).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from settings_cli import dataclass_parser
+from settings_cli import dataclass_parser, default_out
 
 
 @dataclass
@@ -76,8 +77,10 @@ class Args:
     """the constant lambda of the loop and of `compute_gae`"""
     threads: int = 0
     """torch intra-op threads (0: torch's default)"""
-    out_dir: str = "benchmarks/results"
-    """where the Markdown table and the JSON go"""
+    out_dir: str = ""
+    """where the Markdown table and the JSON go (default benchmarks/out, git-ignored; see --results)"""
+    results: bool = False
+    """write to benchmarks/results (the committed tables) instead"""
     out_name: str = "bench_advantages"
     """file name (without suffix) of the results"""
     memory_child: str = ""
@@ -451,7 +454,7 @@ def main() -> None:
     tables = timing_table(results, backends) + "\n\n" + memory_table(memory)
     print()
     print(tables)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or default_out(results=args.results))
     out.mkdir(parents=True, exist_ok=True)
     header = (
         "# Advantage stage on the CPU: the per-token GAE loop (verl's) vs synapo_ext's whole stage\n\n"

@@ -41,7 +41,8 @@ class Args:
     num_layers: int = 2
     threads: int = 2
     repeats: int = 3  # runs per method, interleaved; the least-contended (fastest) median is reported
-    out: str = os.path.join(ROOT, "benchmarks", "results")
+    out: str = ""  # default benchmarks/out (git-ignored); with results=True benchmarks/results (committed)
+    results: bool = False
 
 
 TIMED = {  # SynAPOTrainer parts timed for the breakdown (method name -> label)
@@ -185,8 +186,11 @@ def main() -> None:
     for r in results:
         for name, seconds in r["breakdown_median_s"].items():
             lines.append(f"- {r['method']} `{name}`: {seconds:.4f}")
-    os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"trl_step_{device.replace(' ', '_').lower()}")
+    from settings_cli import default_out
+
+    out = a.out or default_out(results=a.results)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"trl_step_{device.replace(' ', '_').lower()}")
     with open(stem + ".json", "w") as f:
         json.dump({"device": device, "setup": asdict(a), "results": results}, f, indent=2)
     with open(stem + ".md", "w") as f:

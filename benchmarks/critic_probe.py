@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         help="checked task: cap of the value pre-training with its stopping rule (default: the learning benchmark's, "
         "so the probe reports, and caches, the very critics the learning run starts from; 0: skip it)",
     )
-    parser.add_argument("--out", default="", help="default benchmarks/results/<learning|checked>/critic_probe.md")
+    parser.add_argument("--out", default="", help="default benchmarks/out/<learning|checked>/critic_probe.md")
+    parser.add_argument("--results", action="store_true", help="default to benchmarks/results/ (committed)")
     parser.add_argument("--cache_dir", default="", help="default benchmarks/cache/<learning|learning_checked>")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     a = learning.parse_args(["--task", args.task, "--sft_steps", str(args.sft_steps)]
+                            + (["--results"] if args.results else [])
                             + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
                             + (["--pretrain_max_rollouts", str(args.pretrain_max_rollouts)]
                                if args.pretrain_max_rollouts else []))  # fmt: skip

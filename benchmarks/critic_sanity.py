@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--every", type=int, default=16, help="table rows: mean EV over this many steps")
     parser.add_argument("--sft_steps", type=int, default=3000, help="warm-start supervised steps (learning.py's)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "learning", "critic_sanity.md"))
+    parser.add_argument("--out", default="", help="default benchmarks/out/learning/critic_sanity.md (see --results)")
+    parser.add_argument("--results", action="store_true", help="default to benchmarks/results/ (committed)")
     parser.add_argument("--cache_dir", default=os.path.join(HERE, "cache", "learning"))
     args = parser.parse_args(argv)
+    from settings_cli import default_out
+
+    args.out = args.out or default_out("learning", "critic_sanity.md", results=args.results)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=min(2, len(args.methods))) as pool:

@@ -15,7 +15,7 @@ the CPU (the fused numba kernels when numba imports there, else the torch path; 
 plain-loop reference of tests/core): max abs difference over valid tokens, equal segment starts and SCVL pairs.
 Also the peak extra GPU memory of each call over the inputs (torch.cuda.max_memory_allocated).
 Times: CUDA-synchronised wall clock, median of `repeats` after one warm-up call. Writes <out>/gpu_check.json and .md
-(out: $OUT when set, else benchmarks/results).
+(out: $OUT when set, else benchmarks/out; benchmarks/results with --results).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from bench_advantages import Args as BenchArgs
 from bench_advantages import make_inputs, verl_gae_loop
-from settings_cli import dataclass_parser
+from settings_cli import dataclass_parser, default_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's synapo_ext, uninstalled
 
@@ -53,7 +53,9 @@ class Args:
     budget_s: float = 420.0
     """stop starting new work after this many seconds (the run must end inside 8 minutes)"""
     out: str = ""
-    """output folder (default: $OUT, else benchmarks/results)"""
+    """output folder (default: $OUT, else benchmarks/out, git-ignored; see --results)"""
+    results: bool = False
+    """write to benchmarks/results (the committed tables) when neither --out nor $OUT is given"""
 
 
 def sync(device: torch.device) -> None:
@@ -263,7 +265,7 @@ def main() -> None:
             continue
         results.append(check_size(B, T, args, device, deadline))
     meta = {"command": command, "versions": versions, "args": asdict(args), "wall_s": time.perf_counter() - start}
-    out = Path(args.out or os.environ.get("OUT") or "benchmarks/results")
+    out = Path(args.out or os.environ.get("OUT") or default_out(results=args.results))
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(meta | {"results": results}, indent=1) + "\n")
     (out / "gpu_check.md").write_text(markdown(results, meta))

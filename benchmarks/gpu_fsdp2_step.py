@@ -139,8 +139,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--phase", choices=["grpo", "synapo"], help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_fsdp2_step.json"))
+    parser.add_argument("--out", default="", help="default benchmarks/out/gpu_fsdp2_step.json (see --results)")
+    parser.add_argument("--results", action="store_true", help="default to benchmarks/results/ (committed)")
     args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from settings_cli import default_out
+
+    args.out = args.out or default_out("gpu_fsdp2_step.json", results=args.results)
     if args.tiny:
         args.batch, args.length = 2, 16
     if args.phase:

@@ -58,10 +58,15 @@ from learning_setup import (  # noqa: E402  (benchmarks/ is on sys.path above)
 
 
 def parse_args(argv: list[str]) -> Args:
-    from settings_cli import dataclass_parser
+    from settings_cli import RESULTS, dataclass_parser, default_out
 
-    a = apply_quick(Args(**vars(dataclass_parser(Args, __doc__).parse_args(argv))))
-    return dataclasses.replace(a, out=a.out or os.path.join(HERE, "results", "learning"))
+    given = Args(**vars(dataclass_parser(Args, __doc__).parse_args(argv)))
+    a = apply_quick(given)
+    if given.out:  # an explicit --out wins
+        return a
+    # apply_quick names the task's folder under benchmarks/results; a run writes there only with --results
+    folder = os.path.relpath(a.out, RESULTS) if a.out else "learning"
+    return dataclasses.replace(a, out=default_out(folder, results=a.results))
 
 
 def main(argv: list[str] | None = None) -> int:

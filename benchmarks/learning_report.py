@@ -275,16 +275,15 @@ def write_report(a, key: str, header: list[str]) -> str:
             f"{100 * binom:.1f} points. Differences whose 95 % interval contains 0 are inside the noise: "
             f"{', '.join(inside) or 'none'}. Outside it: {', '.join(outside) or 'none'}. "
             "With fewer than 2 seeds no interval exists and every difference counts as noise.",
-            "",
-            "![learning curves](learning_curves.png)",
-            "",
-            "![credit assignment](learning_credit.png)",
         ]
         if importlib.util.find_spec("matplotlib") is None:
             print("matplotlib is not installed: no pictures (pip install matplotlib)", flush=True)
-        else:
+            lines += ["", "(No pictures: matplotlib was not installed when this report was written.)"]
+        else:  # embed only what was drawn now (an older picture in the folder would not match the table)
             plot_curves(runs, order, a, os.path.join(a.out, "learning_curves.png"))
-            plot_credit(runs, os.path.join(a.out, "learning_credit.png"))
+            lines += ["", "![learning curves](learning_curves.png)"]
+            if plot_credit(runs, os.path.join(a.out, "learning_credit.png")):
+                lines += ["", "![credit assignment](learning_credit.png)"]
     path = os.path.join(a.out, "learning.md")
     os.makedirs(a.out, exist_ok=True)
     with open(path, "w") as f:
@@ -350,14 +349,15 @@ def plot_curves(runs: dict[str, list[dict]], order: list[str], a, path: str) -> 
     with_tokens = all(has_tokens(r) for rs in runs.values() for r in rs)
     fig, axes = plt.subplots(1, 3 if with_tokens else 2, figsize=(19.5 if with_tokens else 13, 4.8))
     for i, m in enumerate(order):
-        color = plt.cm.tab10(i % 10)
+        # a distinct (colour, line style) per method: tab10's 10 colours, then the same colours dashed, dotted
+        color, style = plt.cm.tab10(i % 10), ("-", "--", ":")[(i // 10) % 3]
         xs, ys = _grid(runs[m], a.eval_every, a.samples)
         stats = [mean_ci([row[j] for row in ys]) for j in range(len(xs))]
         mean = [100 * s[0] for s in stats]
         half = [0.0 if math.isnan(s[1]) else 100 * s[1] for s in stats]
-        axes[0].plot(xs, mean, color=color, label=f"{m} (n={len(ys)})")
+        axes[0].plot(xs, mean, color=color, ls=style, label=f"{m} (n={len(ys)})")
         for row in ys:  # each seed, thin
-            axes[0].plot(xs, [100 * y for y in row], color=color, lw=0.5, alpha=0.5)
+            axes[0].plot(xs, [100 * y for y in row], color=color, ls=style, lw=0.5, alpha=0.5)
         axes[0].fill_between(
             xs,
             [max(0.0, m_ - h) for m_, h in zip(mean, half, strict=True)],
@@ -373,15 +373,15 @@ def plot_curves(runs: dict[str, list[dict]], order: list[str], a, path: str) -> 
             smooth = [sum(avg[max(0, j - k) : j + 1]) / len(avg[max(0, j - k) : j + 1]) for j in range(n)]
             offset = runs[m][0].get("warmup_samples", 0)  # critic warm-up rollouts come first
             xs_reward = [offset + a.batch * (j + 1) for j in range(n)]
-            axes[1].plot(xs_reward, [100 * s for s in smooth], color=color, label=m)
+            axes[1].plot(xs_reward, [100 * s for s in smooth], color=color, ls=style, label=m)
         if with_tokens:  # each seed's curve against its own generated tokens, and the mean on a shared grid
             top = min(r["curve"][-1]["tokens"] for r in runs[m])
             grid = [top * j / 40 for j in range(41)]
             for r in runs[m]:
                 axes[2].plot([p["tokens"] / 1e6 for p in r["curve"]], [100 * p["greedy"] for p in r["curve"]],
-                             color=color, lw=0.5, alpha=0.5)  # fmt: skip
+                             color=color, ls=style, lw=0.5, alpha=0.5)  # fmt: skip
             mean_t = [100 * sum(greedy_at(r["curve"], x) for r in runs[m]) / len(runs[m]) for x in grid]
-            axes[2].plot([x / 1e6 for x in grid], mean_t, color=color, label=m)
+            axes[2].plot([x / 1e6 for x in grid], mean_t, color=color, ls=style, label=m)
     axes[0].axhline(100 * a.threshold, color="grey", ls=":", lw=1)
     axes[0].set(
         xlabel="samples seen (generated completions)",
@@ -412,26 +412,31 @@ def _show(token: str) -> str:
     return {"\n\n": "¶", "<eos>": "eos"}.get(token, token)
 
 
-def plot_credit(runs: dict[str, list[dict]], path: str) -> None:
-    """Each fixed response as rows of segments (one row per step), tokens coloured by advantage."""
+CREDIT_METHODS = ("synapo", "synapo-oracle", "vapo", "vapo-oracle", "ppo")  # the oracle arm beside its method
+
+
+def plot_credit(runs: dict[str, list[dict]], path: str) -> bool:
+    """Each fixed response as rows of segments (one row per step), tokens coloured by advantage on one colour scale
+    for the whole picture (+-max |A| over every panel), so panels compare; False when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    panels = [(m, min(runs[m], key=lambda r: r["seed"])) for m in ("synapo", "vapo", "ppo") if m in runs]
+    panels = [(m, min(runs[m], key=lambda r: r["seed"])) for m in CREDIT_METHODS if m in runs]
     panels = [(m, r) for m, r in panels if r.get("credit")]
     if not panels:
-        return
+        return False
     items = len(panels[0][1]["credit"])
+    scale = max([1e-6] + [abs(x) for _, run in panels for item in run["credit"] for x in item["advantages"]])
+    norm = TwoSlopeNorm(vmin=-scale, vcenter=0.0, vmax=scale)  # one scale for every panel
     fig, axes = plt.subplots(items, len(panels), figsize=(5.2 * len(panels), 4.6 * items), squeeze=False)
     for col, (method, run) in enumerate(panels):
         for row, item in enumerate(run["credit"]):
             ax = axes[row][col]
             adv = item["advantages"]
-            vmax = max(1e-6, max(abs(x) for x in adv))
-            norm = TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
+            vmax = max(abs(x) for x in adv) if adv else 0.0
             seg, pos = 0, 0
             for token, value in zip(item["tokens"], adv, strict=True):
                 ax.add_patch(plt.Rectangle((pos, -seg), 1, 1, color=plt.cm.RdBu(norm(value))))
@@ -449,12 +454,14 @@ def plot_credit(runs: dict[str, list[dict]], path: str) -> None:
             ax.set_xticks([])
             outcome = "correct" if item["score"] else f"wrong (first wrong step {wrong}, boxed)"
             ax.set_title(f"{method} (seed {run['seed']}): {outcome}\nmax |A| = {vmax:.3f}", fontsize=9)
-            fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="RdBu"), ax=ax, fraction=0.04)
     fig.suptitle(
         "Where each method puts the blame: per-token advantage\n(blue +, red -, not whitened) on fixed held-out "
-        "warm-start responses,\ncritic at the end of training; one row per segment (ends at the '\\n\\n' token ¶)",
+        f"warm-start responses, one colour scale for every panel (|A| up to {scale:.3f});\ncritic (or the oracle's "
+        "values) at the end of training; one row per segment (ends at the '\\n\\n' token ¶)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="RdBu"), ax=axes, fraction=0.02, pad=0.01)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -105,7 +105,9 @@ class Args:
     warm_start_only: bool = False
     """only train or load the warm starts of `--seeds` and measure their held-out accuracy"""
     out: str = ""
-    """output folder (default benchmarks/results/learning, or learning_quick with --quick)"""
+    """output folder (default benchmarks/out/<learning|checked>[_quick], git-ignored; see --results)"""
+    results: bool = False
+    """write to (and resume from) benchmarks/results/<learning|checked>, the committed results, instead"""
     cache_dir: str = os.path.join(HERE, "cache", "learning")
     """where the warm starts and the credit-picture responses are cached (git-ignored)"""
     child: str = ""
@@ -158,7 +160,18 @@ NEW_FIELDS = (
 
 def setup_key(a: Args) -> str:
     """Hash of everything that changes a run's result (not methods, seeds, jobs or paths)."""
-    skip = {"methods", "seeds", "jobs", "report_only", "warm_start_only", "out", "cache_dir", "child", "threshold"}
+    skip = {
+        "methods",
+        "seeds",
+        "jobs",
+        "report_only",
+        "warm_start_only",
+        "out",
+        "results",
+        "cache_dir",
+        "child",
+        "threshold",
+    }
     default = Args()
     blob = {k: v for k, v in asdict(a).items() if k not in skip}
     blob = {k: v for k, v in blob.items() if k not in NEW_FIELDS or v != getattr(default, k)}

@@ -6,6 +6,17 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(BENCHMARKS, "results")  # the committed results (written with --results)
+SCRATCH = os.path.join(BENCHMARKS, "out")  # every other run's output (git-ignored)
+
+
+def default_out(*parts: str, results: bool) -> str:
+    """A benchmark's default output path: benchmarks/out/<parts> (git-ignored), or benchmarks/results/<parts>, the
+    committed results the READMEs quote, when the run asks for them (`--results`)."""
+    return os.path.join(RESULTS if results else SCRATCH, *parts)
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -6,7 +6,9 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -71,6 +73,25 @@ def test_quick_end_to_end_and_resume(tmp_path, capfd):
         assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
     assert learning.main(argv) == 0  # resume: nothing left to run
     assert "2 finished run(s) skipped, 0 to run" in capfd.readouterr().out
+    # without matplotlib the report embeds no picture (not even one an earlier run left in the folder)
+    real_find_spec = importlib.util.find_spec
+    with mock.patch.object(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    ):
+        assert learning.main([*argv, "--report_only"]) == 0
+    report = (tmp_path / "out" / "learning.md").read_text()
+    assert "![" not in report and "No pictures: matplotlib was not installed" in report
+
+
+def test_outputs_go_to_a_git_ignored_folder_unless_asked():
+    import learning
+    from settings_cli import RESULTS, SCRATCH
+
+    assert learning.parse_args([]).out == os.path.join(SCRATCH, "learning")
+    assert learning.parse_args(["--task", "checked", "--quick"]).out == os.path.join(SCRATCH, "checked_quick")
+    assert learning.parse_args(["--task", "checked", "--results"]).out == os.path.join(RESULTS, "checked")
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(SCRATCH, "x.md")], cwd=RESULTS, check=False)
+    assert ignored.returncode == 0, "benchmarks/out/ must be git-ignored"
 
 
 def test_critic_probe_features_and_lookup_value():
