@@ -86,7 +86,7 @@ def mega(tokens: float) -> str:
     return f"{tokens / 1e6:.2f}M"
 
 
-def critic_ev(runs: list[dict], key: str = "critic/vf_explained_var") -> str:
+def critic_ev(runs: list[dict], key: str = "critic/vf_explained_var", first: int | None = None) -> str:
     """Median over the runs' optimizer steps of the critic's explained variance (measured before each update).
 
     Steps whose batch scored all 0 or all 1 (mean reward 0 or 1) are left out: their return is constant, so the
@@ -97,6 +97,7 @@ def critic_ev(runs: list[dict], key: str = "critic/vf_explained_var") -> str:
         logs = r["train_logs"]
         ev, reward = logs.get(key, logs.get(old, [])), logs.get("reward", [])
         paired = zip(ev, reward, strict=True) if len(ev) == len(reward) else ((x, 0.5) for x in ev)
+        paired = list(paired)[:first]  # the first `first` RL steps (all with None)
         evs += [x for x, mean_reward in paired if 0.0 < mean_reward < 1.0]
     evs.sort()
     return f"{evs[len(evs) // 2]:.2f}" if evs else "-"
@@ -194,6 +195,7 @@ def write_report(a, key: str, header: list[str]) -> str:
     else:
         any_run = runs[order[0]][0]
         n_eval, budget = any_run["setup"]["eval_prompts"], any_run["setup"]["samples"]
+        token_budget = any_run["setup"].get("token_budget", 0)
         start = any_run["curve"][0]["greedy"]
         binom = math.sqrt(max(start * (1 - start), 0.01) / n_eval)
         lines += [
@@ -204,6 +206,10 @@ def write_report(a, key: str, header: list[str]) -> str:
             + (
                 "critic warm-up rollouts included). "
                 if task == "chain"
+                else f"or {mega(token_budget)} generated tokens, whichever comes first; the tokens count every token "
+                "a policy forward generated for the run: training rollouts (a tree's shared prefixes once), the value "
+                "pre-training's rollouts, Monte-Carlo continuations). "
+                if token_budget
                 else "the shared value pre-training's "
                 "rollouts not included: see 'value start'; the oracle's continuations not included either; the "
                 "generated-token columns count all of them: every token a policy forward generated for the run). "
@@ -215,9 +221,9 @@ def write_report(a, key: str, header: list[str]) -> str:
             "how much of the return a critic can explain on this task).",
             "",
             f"| method | seeds | greedy acc at {budget // 2} | final greedy acc | exact chain | final T=1 acc | "
-            f"samples to {100 * a.threshold:.0f} % (reached) | generated tokens per run | tokens to "
-            f"{100 * a.threshold:.0f} % | final vs grpo | final vs synapo | critic EV | min/run |"
-            + (" critic EV vs outcome | value start |" if task != "chain" else ""),
+            f"samples to {100 * a.threshold:.0f} % (reached) | generated tokens per run (rollout tokens a sample) | "
+            f"tokens to {100 * a.threshold:.0f} % | final vs grpo | final vs synapo | critic EV | min/run |"
+            + (" critic EV vs outcome (first 64 steps / all) | value start |" if task != "chain" else ""),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if task != "chain" else ""),
         ]
         finals = {m: [r["final_greedy"] for r in runs[m]] for m in order}
@@ -232,7 +238,8 @@ def write_report(a, key: str, header: list[str]) -> str:
             to = f"{sum(hit) / len(hit):.0f} ({len(hit)}/{len(rs)})" if hit else f"> {budget} (0/{len(rs)})"
             tokens, tokens_to = "-", "-"
             if all(has_tokens(r) for r in rs):
-                tokens = mega(sum(r["curve"][-1]["tokens"] for r in rs) / len(rs))
+                rollout = sum(r["generated_tokens"]["rollouts"] / r["samples"] for r in rs) / len(rs)
+                tokens = f"{mega(sum(r['curve'][-1]['tokens'] for r in rs) / len(rs))} ({rollout:.0f} a sample)"
                 hit_t = [x for x in (samples_to(r["curve"], a.threshold, "tokens") for r in rs) if x is not None]
                 tokens_to = f"{mega(sum(hit_t) / len(hit_t))} ({len(hit_t)}/{len(rs)})" if hit_t else "never"
             cells = []
@@ -249,7 +256,12 @@ def write_report(a, key: str, header: list[str]) -> str:
             lines.append(
                 f"| {m} | {len(rs)} | {fmt(*half_way)} | {fmt(*greedy)} | {fmt(*exact)} | {fmt(*t1)} | {to} "
                 f"| {tokens} | {tokens_to} | {cells[0]} | {cells[1]} | {critic_ev(rs)} | {wall:.1f} |"
-                + (f" {critic_ev(rs, 'critic/ev_outcome')} | {value_start(rs)} |" if task != "chain" else "")
+                + (
+                    f" {critic_ev(rs, 'critic/ev_outcome', 64)} / {critic_ev(rs, 'critic/ev_outcome')} | "
+                    f"{value_start(rs)} |"
+                    if task != "chain"
+                    else ""
+                )
             )
         lines += equal_tokens_table(runs, order)
         inside = sorted({f"{m} vs {ref}" for m, ref, ins in noise if ins})
