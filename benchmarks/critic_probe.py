@@ -256,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"**Gate** (issue 13): lookup value on the true features >= 0.50: {best_lookup:.3f} "
             f"({'pass' if best_lookup >= 0.5 else 'FAIL'}); the benchmark's critic after value pre-training >= "
-            f"0.30 on these held-out rollouts: {show(critic_ev)} "
-            f"({'pass' if critic_ev is not None and critic_ev >= 0.3 else 'FAIL'}).",
+            + (
+                "0.30: not run (--pretrain_max_rollouts 0)."
+                if args.pretrain_max_rollouts == 0
+                else f"0.30 on these held-out rollouts: {show(critic_ev)} "
+                f"({'pass' if critic_ev is not None and critic_ev >= 0.3 else 'FAIL'})."
+            ),
         ]
 
     command = " ".join(["python", "benchmarks/critic_probe.py", *(sys.argv[1:] if argv is None else argv)])
