@@ -155,12 +155,13 @@ def credit(trainer, tokenizer, items: list[dict]) -> list[dict]:
 # segment-tree rollouts (docs/trl_tree_rollouts.md): 2 trees of 2 x 2 leaves per prompt (num_generations 8), branching
 # after 4 and 8 of the 13 segments, so the leaves share 4-8 segments and the node values sit at 3 depths
 TREE = {"rollout_tree_roots": 2, "rollout_tree_branching": 2, "rollout_tree_depth": 2, "rollout_tree_segments": 4}
+TREE_METHODS = ("tree", "synapo-tree", "tree-outcome")
 
 
 def uses_pretrain(a, method: str) -> bool:
     """VAPO's value pre-training (value_pretrain.py) replaces the trainer's warm-up for the VAPO/SynAPO methods (not
     the oracle and tree arms, whose values come from the policy's own samples)."""
-    return a.value_pretrain and method not in ("grpo", "ppo", "tree", "synapo-tree") and not method.endswith("-oracle")
+    return a.value_pretrain and method not in ("grpo", "ppo", *TREE_METHODS) and not method.endswith("-oracle")
 
 
 def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, dataset, output_dir: str, critic=None):
@@ -200,10 +201,12 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
         "synapo-oracle": ("synapo", {}),
         "tree": ("vapo", {**TREE, "rollout_tree_local_weight": 0.0}),  # the tree's Monte-Carlo values alone
         "synapo-tree": ("synapo", TREE),  # tree values + the critic's GAE inside each segment
+        # the control: the same tree samples with GRPO's credit (score - the prompt's mean score on every token)
+        "tree-outcome": ("vapo", {**TREE, "rollout_tree_local_weight": 0.0, "rollout_tree_credit": "outcome"}),
     }
     preset, extra = variants.get(method, (method, {}))
     warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
-    if method.endswith("-oracle") or method == "tree" or uses_pretrain(a, method):
+    if method.endswith("-oracle") or method in ("tree", "tree-outcome") or uses_pretrain(a, method):
         warmup = 0  # Monte-Carlo values need no warm-up; a pre-trained critic had its own
     args = SynAPOConfig(
         **common,
@@ -400,7 +403,7 @@ def run_one(a, method: str, seed: int) -> dict:
         evaluate(trainer.state.global_step)
     t1 = sampled_accuracy(model, tokenizer, eval_prompts, cfg, a.final_t1_samples, seed, task=task)
     pictures = []
-    if method not in ("grpo", "tree", "synapo-tree"):  # a tree's values exist on its own rollouts only
+    if method not in ("grpo", *TREE_METHODS):  # a tree's values exist on its own rollouts only
         with open(os.path.join(a.cache_dir, f"picture_{os.path.basename(path)}.json")) as f:
             pictures = credit(trainer, tokenizer, json.load(f))
     result = {

@@ -19,10 +19,10 @@ METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "
 # whether VAPO's length-adaptive lambda (about 0.80 for ~100 tokens) is what keeps the outcome from the early steps;
 # the oracle-value arm (oracle_values.py): Monte-Carlo values at segment starts instead of the learned critic
 ORACLE_METHODS = ["vapo-oracle", "synapo-oracle"]
-EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS, "tree", "synapo-tree"]
+EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS, "tree", "synapo-tree", "tree-outcome"]
 # the checked task's full run (issue 13): the chain table's 9 methods and the oracle arm, the main comparison first
 # the hard task (issue 20): the baselines, then the arms that can pay at equal generated tokens
-HARD_METHODS = ["grpo", "synapo", "vapo", "tree", "synapo-tree"]
+HARD_METHODS = ["grpo", "synapo", "vapo", "tree", "synapo-tree", "tree-outcome"]
 CHECKED_METHODS = ["grpo", "vapo", "synapo", *ORACLE_METHODS, "ppo", "synapo-no-hvm", "synapo-no-scvl",
                    "synapo-no-eagae", "synapo-beta-neg", "vapo-lambda1"]  # fmt: skip
 

@@ -55,6 +55,14 @@ class TreeRolloutFields:
     rollout_tree_local_weight: float = field(
         default=1.0, metadata={"help": "Weight of the critic's in-segment GAE added to the tree's node advantages."}
     )
+    rollout_tree_credit: str = field(
+        default="nodes",
+        metadata={
+            "help": "'nodes': each token's advantage is its node's value against its parent's; 'outcome' (a control "
+            "for what the node values add): the leaf's score against its root's value on every token, GRPO's "
+            "credit on the same tree samples."
+        },
+    )
 
     def tree_leaves(self) -> int:
         return self.rollout_tree_roots * self.rollout_tree_branching**self.rollout_tree_depth
@@ -73,6 +81,8 @@ class TreeRolloutFields:
         weight = self.rollout_tree_local_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"`rollout_tree_local_weight` must be a finite number >= 0, got {weight!r}")
+        if self.rollout_tree_credit not in ("nodes", "outcome"):
+            raise ValueError(f"`rollout_tree_credit` must be 'nodes' or 'outcome', got {self.rollout_tree_credit!r}")
 
     def validate_tree_rollouts(self) -> None:
         """What tree rollouts need of the rest of the config (after TRL resolved `steps_per_generation`)."""
@@ -382,6 +392,9 @@ class TreeRolloutMixin:
             local_weight=float(self.args.rollout_tree_local_weight),
         )
         advantages = out.advantages.float()
+        if self.args.rollout_tree_credit == "outcome":  # score - V(root) on every token instead of the node terms
+            outcome = (scores.to(device).double() - out.node_values[:, 0])[:, None] * mask
+            advantages = (out.advantages - out.tree_advantages + outcome).float()
         if params.whiten_advantages:
             world = self.accelerator.num_processes
             reduce = (lambda t: self.accelerator.reduce(t, "sum")) if world > 1 else None

@@ -142,6 +142,7 @@ def test_critic_probe_end_to_end(tmp_path):
         ("synapo-no-hvm", {"hvm_enabled": False, "scvl_enabled": True, "ea_gae_beta": 0.05}),
         ("tree", {"hvm_enabled": False, "rollout_tree_roots": 2, "rollout_tree_local_weight": 0.0}),
         ("synapo-tree", {"hvm_enabled": True, "rollout_tree_depth": 2, "rollout_tree_local_weight": 1.0}),
+        ("tree-outcome", {"rollout_tree_credit": "outcome", "rollout_tree_local_weight": 0.0}),
     ],
 )
 def test_method_variants_reach_the_trainer(tmp_path, method, expected):

@@ -198,6 +198,29 @@ def test_tree_rollouts_train_with_tree_advantages(make_trainer, tokenizer, prese
     assert {"rollout/generated_tokens", "rollout/leaf_tokens", "rollout/tree_token_ratio"} <= logged
 
 
+def test_outcome_credit_puts_score_minus_root_value_on_every_token(make_trainer, rollout_inputs):
+    """`rollout_tree_credit="outcome"` (the control for what the node values add): with the critic's part off, every
+    token of a leaf gets its score minus the mean score of its tree's leaves."""
+    delimiter = make_tokenizer().convert_tokens_to_ids("\n\n")
+    rewards = iter([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]])
+    trainer = make_trainer(
+        "vapo",
+        reward_funcs=[lambda completions, **kw: next(rewards)],
+        max_completion_length=12,
+        whiten_advantages=False,
+        rollout_tree_local_weight=0.0,
+        rollout_tree_credit="outcome",
+        generation_kwargs={"sequence_bias": {(delimiter,): 1.0}},
+        **TREE,
+    )
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(rollout_inputs(trainer))
+    mask, advantages = output["completion_mask"].bool(), output["advantages"]
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5, -0.25, -0.25, -0.25, 0.75])  # score - mean of its tree's 4 leaves
+    for b in range(8):
+        assert torch.allclose(advantages[b][mask[b]], want[b].expand(int(mask[b].sum())), atol=1e-6)
+
+
 def test_evaluation_samples_independently(make_trainer, rollout_inputs):
     trainer = make_trainer("synapo", max_completion_length=6, **TREE)
     trainer.model.eval()
@@ -223,6 +246,7 @@ def test_independent_samples_count_their_tokens(make_trainer, rollout_inputs):
         (dict(rollout_tree_depth=0), "rollout_tree_depth"),
         (dict(rollout_tree_segments=1.5), "rollout_tree_segments"),
         (dict(rollout_tree_local_weight=float("nan")), "rollout_tree_local_weight"),
+        (dict(rollout_tree_credit="leaf"), "rollout_tree_credit"),
         (dict(gamma=0.99), "gamma"),
         (dict(use_vllm=True), "use_vllm"),
     ],
