@@ -322,7 +322,9 @@ class TreeRolloutMixin:
         """TRL's own generation of `prompts` (transformers' `generate`), with the delimiter tokens as extra stop
         tokens and `max_new_tokens`; TRL cuts each completion after its first stop token."""
         saved = (self.eos_token_ids, self.generation_config.eos_token_id, self.generation_config.max_new_tokens)
-        saved_kwargs = {k: self.generation_kwargs.get(k) for k in ("eos_token_id", "max_new_tokens")}
+        saved_kwargs = {
+            k: self.generation_kwargs[k] for k in ("eos_token_id", "max_new_tokens") if k in self.generation_kwargs
+        }
         stops = [*self.eos_token_ids, *self._tree_stop_ids] if stop_at_delimiter else list(self.eos_token_ids)
         try:
             self.eos_token_ids = stops
@@ -332,6 +334,8 @@ class TreeRolloutMixin:
             completions, _ = super()._generate_single_turn(prompts, None, {}, 1)
         finally:
             self.eos_token_ids, self.generation_config.eos_token_id, self.generation_config.max_new_tokens = saved
+            for key in ("eos_token_id", "max_new_tokens"):
+                self.generation_kwargs.pop(key, None)
             self.generation_kwargs.update(saved_kwargs)
         return completions
 

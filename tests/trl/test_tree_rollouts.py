@@ -150,7 +150,12 @@ def test_tree_rollouts_train_with_tree_advantages(make_trainer, tokenizer, prese
 
     trainer._core_stage = spy
     policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    generation_before = (list(trainer.eos_token_ids), dict(trainer.generation_kwargs))
+    generation_before += (trainer.generation_config.to_dict(),)
     trainer.train()
+    # the stop tokens and lengths of each level's generate call are TRL's own again afterwards
+    generation_after = (trainer.eos_token_ids, trainer.generation_kwargs, trainer.generation_config.to_dict())
+    assert generation_after == generation_before
     assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.model.state_dict().items())
     assert len(captured) == 2
     pairs = 0
