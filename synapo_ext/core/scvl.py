@@ -12,7 +12,7 @@ equals the joint hinge's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -230,9 +230,11 @@ def pairs_from_lengths(
     *,
     threshold: float,
     max_pairs: int,
+    divergence: Callable[..., torch.Tensor] | None = None,
 ) -> SCVLPairs:
     """`scvl_pairs` given checked ids (`check_ids`) and each row's length (last valid position + 1, int64 (B,)):
-    what the advantage stage calls, which has the lengths from its own pass over the mask."""
+    what the advantage stage calls, which has the lengths from its own pass over the mask. `divergence`: a function
+    with `_divergence`'s arguments and result (the fused stage passes its compiled one), None: `_divergence`."""
     B = response_ids.shape[0]
     scores = _check_scores(scores, B)
     if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
@@ -243,7 +245,7 @@ def pairs_from_lengths(
     positive = scores.to(device) >= threshold
     pos, neg = _candidate_pairs(codes, positive)
     lengths = lengths.to(device)
-    d = _divergence(response_ids, lengths, pos, neg)
+    d = (divergence or _divergence)(response_ids, lengths, pos, neg)
     keep = (d + 1 < lengths[pos]) & (d + 1 < lengths[neg])
     pos, neg, d = pos[keep], neg[keep], d[keep]
 

@@ -11,6 +11,7 @@ the same outputs in one compiled pass per row. `compute_synapo_advantages` choos
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -290,8 +291,9 @@ def _stage(params: SynAPOParams, x: StageInputs, kernels) -> SynAPOAdvantages:
         ids = check_ids(x.response_ids, "response_ids")
         check_same_shape(x.response_mask, "response_mask", ids.shape, "response_ids")
         pairs = pairs_from_lengths(
-            ids, x.lengths, x.scores, x.group_ids, threshold=params.scvl_threshold, max_pairs=params.scvl_max_pairs
-        )
+            ids, x.lengths, x.scores, x.group_ids, threshold=params.scvl_threshold, max_pairs=params.scvl_max_pairs,
+            divergence=None if kernels is None else functools.partial(fused.divergence, kernels),
+        )  # fmt: skip
         out.scvl = pairs
         out.scvl_pos_values, out.scvl_neg_values = scvl_pair_values(x.values, pairs)
         out.scvl_sides = scvl_sides(pairs, out.scvl_pos_values, out.scvl_neg_values)

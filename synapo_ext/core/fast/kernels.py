@@ -9,7 +9,8 @@ EA-GAE's (or VAPO's, beta = 0) when adaptive, else the constant.
 Each kernel is the plain per-token loop of a formula of docs/spec.md (the torch functions of `synapo_ext.core` are
 the readable versions), run over the original layout: masked tokens carry the running quantities through unchanged
 (verl's carry rule), so interior zeros need no compaction. Accumulators are float64 whatever the array dtype.
-`row_lengths` and `mask_rows` are the stage's one pass over the mask. Imported only by `fast/stage.py`, on first use.
+`row_lengths` and `mask_rows` are the stage's one pass over the mask, `divergence` its SCVL step's scan. Imported
+only by `fast/stage.py` and `backend.fused_kernels`, on first use.
 """
 
 from __future__ import annotations
@@ -126,6 +127,21 @@ def mask_rows(mask, one, neg_zero, out, lengths, bad):
             last = max(last, (t + 1) * is_one)
         lengths[b] = last
         bad[b] = others > 0
+
+
+@_kernel("pos", "neg", "shortest", "out")
+def divergence(ids, pos, neg, shortest, out):
+    """SCVL's d = first position where rows pos[p] and neg[p] differ, or shortest[p] if none before it; a pair's
+    scan stops at its first difference (the torch version compares whole prefixes)."""
+    for p in prange(pos.shape[0]):
+        i = pos[p]
+        j = neg[p]
+        d = shortest[p]
+        for t in range(shortest[p]):
+            if ids[i, t] != ids[j, t]:
+                d = t
+                break
+        out[p] = d
 
 
 @njit(cache=True, nogil=True)

@@ -24,7 +24,7 @@ from ..metrics import METRICS
 from ..segments import check_segment_args
 from ._alloc import empty
 
-__all__ = ["FusedOutputs", "stage", "stage_mask"]
+__all__ = ["FusedOutputs", "divergence", "stage", "stage_mask"]
 
 
 def as_numpy(x: torch.Tensor):
@@ -53,6 +53,16 @@ def stage_mask(k: SimpleNamespace, response_mask: torch.Tensor) -> tuple[torch.T
         check_mask(response_mask)  # raises, naming the argument
         raise AssertionError("the mask kernel flagged a value that check_mask accepts")  # not reached
     return mask, lengths
+
+
+def divergence(
+    k: SimpleNamespace, ids: torch.Tensor, lengths: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+) -> torch.Tensor:
+    """scvl.py's `_divergence` compiled (same arguments, same int64 (P,) result), for the stage's SCVL pairs."""
+    shortest = torch.minimum(lengths[pos], lengths[neg])
+    out = torch.empty_like(pos)
+    k.divergence(as_numpy(ids), as_numpy(pos), as_numpy(neg), as_numpy(shortest), as_numpy(out))
+    return out
 
 
 def _array(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
