@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from ._checks import check_mask, check_same_shape, check_tensor
+from ._hparams import Rule, check_hparam, check_value
 from .metrics import METRICS
 from .scvl import SCVLSides, scvl_split_loss
 
@@ -84,9 +85,9 @@ def hvm_critic_loss(
     response_mask: torch.Tensor,
     start_mask: torch.Tensor,
     *,
+    cliprange_value: float | None = None,
     old_local_values: torch.Tensor | None = None,
     old_global_values: torch.Tensor | None = None,
-    cliprange_value: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HVM's critic loss: local head on every valid token, global head on segment starts.
 
@@ -101,17 +102,11 @@ def hvm_critic_loss(
     Returns:
         (loss, metrics) with metrics `local_loss`, `global_loss`, `local_clipfrac`, `global_clipfrac`.
     """
+    heads = {"global_values": global_values, "global_returns": global_returns, "start_mask": start_mask}
     out = critic_objective(
-        local_values,
-        local_returns,
-        response_mask,
-        old_values=old_local_values,
-        cliprange_value=cliprange_value,
-        global_values=global_values,
-        global_returns=global_returns,
-        start_mask=start_mask,
-        old_global_values=old_global_values,
-    )
+        local_values, local_returns, response_mask, cliprange_value=cliprange_value, old_values=old_local_values,
+        old_global_values=old_global_values, **heads,
+    )  # fmt: skip
     metrics = {
         "local_loss": out.metrics[METRICS.vf_loss],
         "global_loss": out.metrics[METRICS.global_loss],
@@ -119,6 +114,10 @@ def hvm_critic_loss(
         "global_clipfrac": out.metrics[METRICS.global_clipfrac],
     }
     return out.loss, metrics
+
+
+_COUNT = Rule("float", 0.0, optional=True)  # a normaliser: a count >= 0, or None for the call's own
+_SCALE = Rule("float", 0.0, low_open=True)
 
 
 class CriticObjective(NamedTuple):
@@ -129,30 +128,22 @@ class CriticObjective(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
-def _count(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
-        raise ValueError(f"`{name}` must be a finite number >= 0 or None, got {value!r}")
-    return value
-
-
 def critic_objective(
     values: torch.Tensor,
     returns: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    old_values: torch.Tensor | None = None,
+    num_tokens: float | None = None,
     cliprange_value: float | None = None,
+    old_values: torch.Tensor | None = None,
     global_values: torch.Tensor | None = None,
     global_returns: torch.Tensor | None = None,
     start_mask: torch.Tensor | None = None,
     old_global_values: torch.Tensor | None = None,
+    num_starts: float | None = None,
     scvl_sides: SCVLSides | None = None,
     scvl_weight: float = 0.0,
     scvl_margin: float = 0.0,
-    num_tokens: float | None = None,
-    num_starts: float | None = None,
     num_pairs: float | None = None,
     scale: float = 1.0,
 ) -> CriticObjective:
@@ -177,7 +168,7 @@ def critic_objective(
         values: float (B, T), the single head's (or HVM's local head's) current values.
         returns: float (B, T), its targets.
         response_mask: 0/1 (B, T), the tokens that count.
-        old_values, cliprange_value: rollout-time values and PPO's value clip c (None: no clipping).
+        cliprange_value, old_values: PPO's value clip c (None: no clipping) and the rollout-time values.
         global_values, global_returns, start_mask, old_global_values: HVM's global head, (B, T) each (with
             `start_mask` 0/1, the segment starts); all None without HVM.
         scvl_sides: the SCVL pair sides whose row is in `values` (`rows` indexing `values`), or None without SCVL.
@@ -195,11 +186,12 @@ def critic_objective(
     """
     values = check_tensor(values, "values", ndim=2)
     check_same_shape(check_tensor(returns, "returns"), "returns", values.shape, "values")
-    num_tokens = _count(num_tokens, "num_tokens")
-    num_starts = _count(num_starts, "num_starts")
-    num_pairs = _count(num_pairs, "num_pairs")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
-        raise ValueError(f"`scale` must be a finite number > 0, got {scale!r}")
+    num_tokens, num_starts, num_pairs = (
+        check_value(n, name, _COUNT) for n, name in ((num_tokens, "num_tokens"), (num_starts, "num_starts"),
+                                                     (num_pairs, "num_pairs"))
+    )  # fmt: skip
+    scale = check_value(scale, "scale", _SCALE)
+    scvl_weight = check_hparam("scvl_weight", scvl_weight)
     hvm = (global_values, global_returns, start_mask)
     if any(x is None for x in hvm) and any(x is not None for x in hvm):
         raise ValueError("`global_values`, `global_returns` and `start_mask` go together (HVM): give all or none")

@@ -19,16 +19,16 @@ import torch
 
 from ._checks import check_finite, check_ids, check_mask, check_same_shape, check_tensor
 
-__all__ = [
+__all__ = [  # in the order a host uses them
     "SCVLPairs",
-    "SCVLSides",
-    "group_codes",
-    "scvl_group_stats",
-    "scvl_loss",
-    "scvl_pair_values",
     "scvl_pairs",
+    "scvl_group_stats",
+    "scvl_pair_values",
+    "scvl_loss",
+    "SCVLSides",
     "scvl_sides",
     "scvl_split_loss",
+    "group_codes",
 ]
 
 # Compare at most this many (pair, token) entries at once when finding divergence points.

@@ -291,9 +291,7 @@ def stage_hvm_rows(
         segment_advantage = 0.0  # AG_{k+1}
         end_pos = 0  # e_k of the segment being accumulated
         start_pos = 0  # the last valid token seen: the start of its segment if the current token ends one
-        lam_sum = 0.0
-        lam_lo = 1.0
-        lam_hi = 0.0
+        lam_sum, lam_lo, lam_hi = 0.0, 1.0, 0.0  # the row's lambda: sum, min, max
         segments = 0
         j = 0
         for t in range(last - 1, -1, -1):
@@ -407,9 +405,7 @@ def stage_gae_rows(
         next_value = 0.0
         running = 0.0
         critic = 0.0
-        lam_sum = 0.0
-        lam_lo = 1.0
-        lam_hi = 0.0
+        lam_sum, lam_lo, lam_hi = 0.0, 1.0, 0.0  # the row's lambda: sum, min, max
         for t in range(last - 1, -1, -1):
             if mask[b, t]:
                 lam_t = lam_row[t] if lam_args[0] else lam_args[1]
