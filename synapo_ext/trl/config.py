@@ -134,6 +134,9 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
             Segments each level generates before it branches (the last level runs to the end).
         rollout_tree_local_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the critic's in-segment GAE added to the tree's node advantages (`0`: tree advantages only).
+        rollout_tree_credit (`str`, *optional*, defaults to `"nodes"`):
+            `"nodes"`: each token's tree advantage is its node's value minus its parent's; `"outcome"` (a control):
+            the leaf's score minus its root's value on every token, GRPO's credit on the same tree samples.
 
         > GRPO's reward normalisation (docs/trl_features.md classifies every GRPOConfig field)
 
