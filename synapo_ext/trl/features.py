@@ -162,8 +162,8 @@ FEATURES: dict[str, Feature] = {
     "max_tool_calling_iterations": Feature(
         "supported",
         "multi-turn tool calls: tool-output tokens (TRL's `tool_mask`) get no advantage, no critic target, and an "
-        "SCVL pair whose first divergence is a tool-output token is dropped",
-        ("test_tool_output_tokens_are_masked",),
+        "SCVL pair whose first divergence is a tool-output token is dropped (also `rollout_func`'s `env_mask`)",
+        ("test_tool_calling_multi_turn_run", "test_tool_output_tokens_are_masked"),
     ),
     "off_policy_mask_threshold": Feature(
         "supported",

@@ -219,3 +219,67 @@ def test_vllm_importance_sampling_scales_the_policy_loss(make_trainer, rollout_i
         inputs["importance_sampling_ratio"] = scale * ratio
         losses.append(trainer._compute_loss(trainer.model, inputs).detach())
     torch.testing.assert_close(losses[1], 2 * losses[0])
+
+
+# TRL's own tool loop (`tools=`): a Qwen3 chat template and response parser on a byte-level BPE tokenizer, the policy's
+# turns scripted (a random tiny model emits no tool call) around a real tool call, its execution and TRL's tool_mask
+TOOL_CALL = '<tool_call>\n{"name": "draw", "arguments": {}}\n</tool_call><|im_end|>'
+DRAWS = [1, 1, 2, 2]  # the tool's results, call after call: rows 0, 1 see 1; rows 2, 3 see 2 (per group of 4)
+
+
+def test_tool_calling_multi_turn_run(make_trainer, critic_batches, tmp_path):
+    import importlib.resources
+
+    import trl
+    from datasets import Dataset
+
+    from synapo_ext.testing import byte_bpe_tokenizer, tiny_qwen2
+
+    tokenizer = byte_bpe_tokenizer(tmp_path / "tokenizer")
+    tokenizer.chat_template = (importlib.resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text()
+    calls = []
+
+    def draw() -> int:
+        """Draw a number."""
+        calls.append(None)
+        return DRAWS[(len(calls) - 1) % len(DRAWS)]
+
+    def scripted_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+        # first turn: every row calls the tool; after the tool: even rows answer "3" (correct), odd rows "4"
+        after_tool = len(calls) > 0
+        texts = [
+            ("3" if i % 2 == 0 else "4") + "<|im_end|>" if after_tool else TOOL_CALL for i in range(len(prompt_ids))
+        ]
+        return [tokenizer.encode(t, add_special_tokens=False) for t in texts], None
+
+    def answered_three(completions, **kwargs):
+        return [float(c[-1]["content"].strip() == "3") for c in completions]
+
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": "Draw, then answer 3."}]}] * 8)
+    trainer = make_trainer(
+        "synapo",
+        reward_funcs=[answered_three],
+        processing_class=tokenizer,
+        model=tiny_qwen2(tokenizer, max_position_embeddings=2048),
+        train_dataset=prompts,
+        trainer_kwargs={"tools": [draw]},
+        max_completion_length=256,
+    )
+    trainer._generate_single_turn = scripted_turn.__get__(trainer)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    output = trainer._generate_and_score_completions([dict(row) for row in prompts.to_list()])
+    assert len(calls) == 8
+    tool = output["completion_mask"].bool() & ~output["tool_mask"].bool()  # the tool's output tokens
+    assert tool.sum(1).min() > 0
+    assert "<tool_response>" in tokenizer.decode(output["completion_ids"][0][tool[0]])
+    assert (output["advantages"][tool] == 0).all() and (output["advantages"][~tool] != 0).any()
+    batch = critic_batches[-1]
+    assert (batch.response_mask[tool] == 0).all()  # no critic target on the tool's output
+    # SCVL: (0, 1) and (2, 3) diverge at the answer (a policy token): pairs; (0, 3) and (2, 1) first diverge in the
+    # tool's output (1 vs 2): dropped
+    positive = batch.sides.is_positive
+    rows, d = batch.sides.rows[positive], batch.sides.diverge_index[positive]
+    assert sorted((rows % 4).tolist()) == [0, 0, 2, 2]
+    assert not tool[rows, d].any()
+    assert torch.isfinite(trainer._compute_loss(trainer.model, output))
