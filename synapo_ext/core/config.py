@@ -8,12 +8,14 @@ Field names never clash with TRL's `GRPOConfig` (e.g. its `beta` is the KL coeff
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._hparams import RULES, check_hparam, check_lambda_clip
 
-__all__ = ["PRESETS", "SynAPOParams", "params_from_preset"]
+__all__ = ["PRESETS", "SynAPOParams", "did_you_mean", "params_from_preset"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -182,6 +184,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """ " (did you mean `x`?)" for the known names closest to a misspelt `name` (difflib, cutoff 0.75), else ""."""
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(f'`{prefix}{c}`' for c in close)}?)" if close else ""
+
+
 def params_from_preset(preset: str = "synapo", **overrides: Any) -> SynAPOParams:
     """The parameters of a named preset, with `overrides` applied on top.
 
@@ -189,9 +197,11 @@ def params_from_preset(preset: str = "synapo", **overrides: Any) -> SynAPOParams
         ValueError: unknown preset or parameter name (listing the valid ones), or an invalid value.
     """
     if preset not in PRESETS:
-        raise _bad(ValueError, "preset", f"unknown SynAPO `preset` {preset!r}; choose one of {sorted(PRESETS)}")
+        hint = did_you_mean(str(preset), PRESETS)
+        raise _bad(ValueError, "preset", f"unknown SynAPO `preset` {preset!r}{hint}; choose one of {sorted(PRESETS)}")
     names = {f.name for f in dataclasses.fields(SynAPOParams)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(f"unknown SynAPO parameter(s) {unknown}; valid names: {sorted(names)}")
+        hints = "".join(did_you_mean(n, names) for n in unknown)
+        raise ValueError(f"unknown SynAPO parameter(s) {unknown}{hints}; valid names: {sorted(names)}")
     return SynAPOParams(**{**PRESETS[preset], **overrides})

@@ -19,6 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from synapo_ext.core import SynAPOParams, params_from_preset
+from synapo_ext.core.config import did_you_mean
+
+from .keys import TO_VERL, TO_VERL_TEXT, TOKEN_MEAN, VERL_KEYS  # the verl keys the parameters set
 
 __all__ = [
     "HF_CONFIG_KEY",
@@ -38,21 +41,6 @@ SYNAPO = "synapo"
 HF_CONFIG_KEY = "synapo_params"
 """`critic.model.override_config.<key>`: the parameters as JSON, copied by verl onto the critic's `hf_config`, which
 is how the critic worker (engine and loss) learns them."""
-
-# SynAPO parameter -> (verl key, verl 0.9.1 default). tests/verl check the defaults against verl's composed config.
-VERL_KEYS: dict[str, tuple[str, Any]] = {
-    "gamma": ("algorithm.gamma", 1.0),
-    "gae_lambda": ("algorithm.lam", 1.0),
-    "clip_ratio_low": ("actor_rollout_ref.actor.clip_ratio_low", 0.2),
-    "clip_ratio_high": ("actor_rollout_ref.actor.clip_ratio_high", 0.2),
-    "value_warmup_steps": ("trainer.critic_warmup", 0),
-}
-TO_VERL: dict[str, Any] = {
-    # verl updates the actor once `trainer.critic_warmup <= global_steps`, and steps count from 1: N critic-only
-    # steps are critic_warmup = N + 1
-    "value_warmup_steps": lambda steps: steps + 1,
-}
-TOKEN_MEAN = ("actor_rollout_ref.actor.loss_agg_mode", "token-mean")  # VAPO's token-level loss, for every preset
 
 
 def is_synapo(config: Any) -> bool:
@@ -92,8 +80,12 @@ def _resolve(text: str) -> SynAPOParams:
     names = {f.name for f in dataclasses.fields(SynAPOParams)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        keys = ", ".join(f"`algorithm.synapo.{k}`" for k in unknown)
-        raise ValueError(f"unknown SynAPO parameter {keys}; valid names: preset, {', '.join(sorted(names))}")
+        keys = ", ".join(
+            f"`algorithm.synapo.{k}`{did_you_mean(k, names | {'preset'}, prefix='algorithm.synapo.')}" for k in unknown
+        )
+        raise ValueError(
+            f"unknown SynAPO parameter {keys}; valid names: preset, {', '.join(sorted(names))} (docs/parameters.md)"
+        )
     try:
         return params_from_preset(preset, **raw)
     except (TypeError, ValueError) as exc:  # the core names the field in `exc.field`
@@ -120,15 +112,19 @@ def _select(config: DictConfig, key: str) -> Any:
     return OmegaConf.select(config, key, throw_on_missing=False)
 
 
-def _write(config: DictConfig, key: str, value: Any, source: str) -> None:
-    """Set verl's `key` to `value` unless the user set it to something else (`source` names our key)."""
+def _write(config: DictConfig, key: str, value: Any, source: str, written: Any = None) -> None:
+    """Set verl's `key` to `value` unless the user set it to something else (`source` names our key; `written`: the
+    value of `source` the user wrote, when verl's differs from it)."""
     current = _select(config, key)
     if current == value:
         return
     default = next((d for k, d in VERL_KEYS.values() if k == key), TOKEN_MEAN[1] if key == TOKEN_MEAN[0] else None)
     if current is not None and current != default:
+        name = source.rsplit(".", 1)[-1]
+        ours = f"`{source}={value}`" if written is None else f"`{source}={written}` (which sets `{key}={value}`"
+        ours += "" if written is None else f", {TO_VERL_TEXT[name]})"
         raise ValueError(
-            f"`{key}={current}` conflicts with SynAPO's `{source}={value}`; "
+            f"`{key}={current}` conflicts with SynAPO's {ours}; "
             f"leave `{key}` at its default and set `+{source}=...` instead"
         )
     with open_dict(config):
@@ -167,7 +163,10 @@ def prepare_config(config: DictConfig) -> SynAPOParams | None:
         )
     for name, (key, _default) in VERL_KEYS.items():
         value = getattr(params, name)
-        _write(config, key, TO_VERL[name](value) if name in TO_VERL else value, f"algorithm.synapo.{name}")
+        if name in TO_VERL:  # the message shows the user's value, and what it becomes on verl
+            _write(config, key, TO_VERL[name](value), f"algorithm.synapo.{name}", written=value)
+        else:
+            _write(config, key, value, f"algorithm.synapo.{name}")
     _write(config, TOKEN_MEAN[0], TOKEN_MEAN[1], "algorithm.synapo.preset")
     with open_dict(config):
         config.critic.enable = True

@@ -162,3 +162,20 @@ def test_legal_assignments_after_construction_still_work():
     args.learning_rate, args.scvl_margin, args.num_iterations = 3e-4, 0.2, 2
     assert (args.learning_rate, args.synapo_params().scvl_margin) == (3e-4, 0.2)
     assert pickle.loads(pickle.dumps(args)).learning_rate == 3e-4 and copy.deepcopy(args).scvl_margin == 0.2
+
+
+def test_the_parameter_doc_names_trl_fields_that_exist():
+    """docs/parameters.md's TRL column (synapo_ext.params_doc) against SynAPOConfig itself."""
+    import dataclasses
+
+    from synapo_ext import params_doc
+    from synapo_ext.core import SynAPOParams
+    from synapo_ext.trl import SynAPOConfig
+    from synapo_ext.trl.config import PRESET_FIELDS
+
+    config_fields = {f.name for f in dataclasses.fields(SynAPOConfig)}
+    for f in dataclasses.fields(SynAPOParams):
+        assert f.name in config_fields, f.name
+    assert set(params_doc.TRL_PRESET_FIELDS) == set(PRESET_FIELDS)
+    config = SynAPOConfig(output_dir="out", use_cpu=True, preset="vapo", epsilon=0.15, epsilon_high=0.3)
+    assert (config.clip_ratio_low, config.clip_ratio_high) == (0.15, 0.3)  # what TRL_NOTES says
