@@ -19,22 +19,10 @@ LOGGED = ("reward", "frac_reward_zero_std", "entropy", "critic/vf_explained_var"
           "critic/ev_outcome")  # fmt: skip
 
 
-def log_outcome_ev(trainer) -> None:
-    """Also log the critic's explained variance of the Monte-Carlo outcome (the row's score on every token) as
-    `critic/ev_outcome`: with HVM the trainer's own figure compares the local head with its bootstrapped target
-    (shared/notes/benchmark_pilot.md), so only this one is comparable across methods. One process."""
-    own = trainer._explained_variance
-
-    def both(returns, values, mask):
-        out = own(returns, values, mask)
-        scores = (trainer._rewards_per_func * trainer.reward_weights.to(trainer._rewards_per_func.device)).nansum(1)
-        outcome = scores.to(values.device)[:, None].expand_as(values)
-        ev = own(outcome, values, mask).get("critic/vf_explained_var")  # absent: undefined (constant outcome)
-        if ev is not None:
-            out["critic/ev_outcome"] = ev
-        return out
-
-    trainer._explained_variance = both
+# `critic/ev_outcome` of the runs' JSON: the trainer's explained variance of the Monte-Carlo outcome (the row's score
+# on every token), comparable across methods (with HVM `critic/vf_explained_var` compares the local head with its
+# bootstrapped target, shared/notes/benchmark_pilot.md)
+RENAMED = {"critic/vf_explained_var_outcome": "critic/ev_outcome"}
 
 
 def load_policy(path: str):
@@ -363,9 +351,9 @@ def run_one(a, method: str, seed: int) -> dict:
             self.next_eval = a.eval_every
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            for k in LOGGED:
-                if logs and k in logs:
-                    history[k].append(float(logs[k]))
+            for k, v in (logs or {}).items():
+                if RENAMED.get(k, k) in LOGGED:
+                    history[RENAMED.get(k, k)].append(float(v))
 
         def on_step_end(self, args, state, control, **kwargs):
             spent = seen["samples"] >= a.samples or 0 < a.token_budget <= generated_tokens()["total"]
@@ -394,8 +382,6 @@ def run_one(a, method: str, seed: int) -> dict:
     output_dir = os.path.join(a.cache_dir, "trainer_out", f"{method}_s{seed}")
     trainer = build_trainer(a, method, seed, model, tokenizer, chain_reward, dataset, output_dir, critic=critic)
     run["trainer"] = trainer
-    if method != "grpo":
-        log_outcome_ev(trainer)
     trainer.remove_callback(PrinterCallback)  # TRL's raw log dicts: our progress lines instead
     trainer.add_callback(Progress())
     trainer.train()

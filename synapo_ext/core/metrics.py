@@ -32,8 +32,12 @@ class MetricNames:
         scvl_loss: SCVL's hinge, mean over pairs (unweighted: the critic adds `scvl_weight` times twice it, the
             split form's sum over both sides of each pair; `critic_objective`).
         grad_norm, lr: the critic's gradient norm before clipping and its learning rate.
-        explained_variance: `explained_variance(values, returns, mask)` of the rollout batch (left out of a batch's
+        explained_variance: `explained_variance(values, returns, mask)` of the rollout batch against the critic's
+            own targets (with HVM: the local head against its bootstrapped in-segment target; left out of a batch's
             log where it is undefined: returns without variance).
+        explained_variance_outcome: the same for the value (the single head, or HVM's local head) against the
+            Monte-Carlo outcome return (the row's discounted score from each token on, GAE lambda = 1's target): one
+            figure comparable across presets, and the one VAPO's warm-up rule judges the critic by.
         values_mean, returns_mean: mean rollout-time value and critic target over valid tokens.
         warmup_done: 0 on a batch of VAPO's value pretraining (warm-up), 1 once it is over.
         warmup_batches: rollout batches so far that trained only the critic (warm-up), this one included.
@@ -56,6 +60,7 @@ class MetricNames:
     grad_norm: str = "critic/grad_norm"
     lr: str = "critic/lr"
     explained_variance: str = "critic/vf_explained_var"
+    explained_variance_outcome: str = "critic/vf_explained_var_outcome"
     values_mean: str = "critic/values/mean"
     returns_mean: str = "critic/returns/mean"
     warmup_done: str = "critic/warmup_done"

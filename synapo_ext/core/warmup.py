@@ -3,7 +3,10 @@
 VAPO (arXiv 2504.05118, section 4.1) trains the value model on Monte-Carlo returns of the fixed initial policy
 "until value loss and explained variance are good enough", then starts RL. Hosts call `ValueWarmupRule.update` once
 per warm-up rollout batch with the critic's *held-out* numbers: measured on the fresh batch before the critic trains
-on it, so they describe rollouts the critic has not seen.
+on it, so they describe rollouts the critic has not seen. The explained variance is the value's against the
+Monte-Carlo outcome return (the row's discounted score from each token on: what GAE with lambda = 1 targets;
+`METRICS.explained_variance_outcome`), not against the critic's own training target, which with HVM is bootstrapped
+from the global head. A stop with `ev_mean <= 0` means the critic explains nothing of the return: hosts say so.
 
     ev_mean, loss_mean = means over the last `window` batches
     stop when  ev_mean >= target_ev                                       ("target_ev", after a full window)
@@ -89,7 +92,8 @@ class ValueWarmupRule:
         )
 
     def update(self, loss: float, explained_variance: float | None) -> WarmupDecision:
-        """Record one warm-up batch's held-out critic loss and explained variance; say whether to stop.
+        """Record one warm-up batch's held-out critic loss and explained variance (of the outcome return); say whether
+        to stop.
 
         `explained_variance` None: undefined for this batch (`core.explained_variance`: returns without variance);
         the batch counts for the loss and the cap, not for the explained-variance window (whose mean is then over

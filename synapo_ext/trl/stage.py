@@ -18,7 +18,7 @@ import torch
 
 from ..core import METRICS, SCVLPairs, SCVLSides, compute_synapo_advantages, masked_whiten, scvl_sides
 from .critic import critic_values
-from .update import HELDOUT_VF_LOSS, CriticBatch, critic_health, update_critic
+from .update import HELDOUT_VF_LOSS, CriticBatch, critic_health, outcome_returns, update_critic
 
 __all__ = ["LM_WEIGHT", "MAX_ABS_SCORE", "REWARDS_NONFINITE", "SynAPOStageMixin", "screen_rewards"]
 
@@ -153,7 +153,8 @@ class SynAPOStageMixin:
         means.pop(METRICS.rows_empty)  # the core's count includes the unscored rows: counted apart above
         totals.update({name: means.pop(name) / scope_world for name in COUNTS if name in means})
         # the critic's held-out numbers on this fresh batch (eval rollouts too: the critic never trains on those)
-        means.update(self._explained_variance(result.returns.float(), values[..., 0], learn_mask))
+        outcome = outcome_returns(rewards, learn_mask, params.gamma)  # what lambda = 1 targets: comparable figure
+        means.update(self._explained_variance(result.returns.float(), values[..., 0], learn_mask, outcome))
         if mode != "train":
             return means, totals
 
@@ -261,9 +262,10 @@ class SynAPOStageMixin:
         logged.extend(row_means)
 
     @staticmethod
-    def _explained_variance(returns, values, mask) -> dict[str, float]:
-        """The critic's held-out numbers (`critic_health`); a method so benchmarks can add their own figures."""
-        return critic_health(returns, values, mask)
+    def _explained_variance(returns, values, mask, outcome=None) -> dict[str, float]:
+        """The critic's held-out numbers (`critic_health`; `outcome`: the Monte-Carlo return); a method so benchmarks
+        can add their own figures."""
+        return critic_health(returns, values, mask, outcome)
 
 
 def _drop_pairs_diverging_off_mask(result, mask: torch.Tensor) -> None:

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import METRICS, SCVLSides, SynAPOParams, critic_objective, explained_variance, value_loss
+from ..core import (
+    METRICS,
+    SCVLSides,
+    SynAPOParams,
+    compute_gae,
+    critic_objective,
+    explained_variance,
+    value_loss,
+)
 from .critic import critic_values
 from .distributed import PreparedCritic, critic_step
 
@@ -50,11 +58,15 @@ class CriticBatch:
     num_pairs: float = 0.0
 
 
-def critic_health(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+def critic_health(
+    returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, outcome: torch.Tensor | None = None
+) -> dict[str, float]:
     """Held-out critic numbers on a fresh rollout batch (the critic has not trained on it yet): the core's
     explained variance (left out where undefined) and value loss over `mask`'s tokens (head 0: the single head, or
-    HVM's local head), the mean value and target. Near-constant returns make Var(G) tiny and the explained variance
-    very negative without saying much. `returns`, `values`, `mask`: (B, T)."""
+    HVM's local head), the mean value and target; with `outcome` (the Monte-Carlo return, `outcome_returns`) also the
+    explained variance of the outcome (`METRICS.explained_variance_outcome`, left out where undefined: every row's
+    return the same). Near-constant returns make Var(G) tiny and the explained variance very negative without saying
+    much. `returns`, `values`, `mask`, `outcome`: (B, T)."""
     m = mask.bool()
     if not m.any():
         return {}
@@ -66,7 +78,22 @@ def critic_health(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     ev = explained_variance(values, returns, m)
     if ev is not None:  # undefined (returns without variance): left out, not logged as the formula's 1.0
         out[METRICS.explained_variance] = float(ev)
+    ev_outcome = explained_variance(values, outcome, m) if outcome is not None else None
+    if ev_outcome is not None:
+        out[METRICS.explained_variance_outcome] = float(ev_outcome)
     return out
+
+
+def outcome_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """float (B, T) Monte-Carlo return of each valid token, G_t = sum_{s >= t} gamma^(s - t) r_s over the row's
+    valid tokens (the returns of GAE with lambda = 1 and V = 0); 0 on rows with no valid token and off `mask`."""
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    rows = mask.bool().any(dim=1)
+    if rows.any():
+        zeros = torch.zeros_like(rewards[rows])
+        _, returns = compute_gae(rewards[rows], zeros, mask[rows], gamma=gamma, lam=1.0)
+        out[rows] = returns.float()
+    return out * mask
 
 
 def _sides_in(sides: SCVLSides, rows: torch.Tensor, batch_size: int) -> SCVLSides:

@@ -1,8 +1,12 @@
 """The trainer's value warm-up (VAPO's value pretraining, arXiv 2504.05118 section 4.1): critic-only rollout batches
 before the first training step, until `synapo_ext.core.warmup.ValueWarmupRule` stops them.
 
-Each batch is one INFO line (the critic's held-out loss and explained variance; shown with `log_level="info"`, see
-`SynAPOTrainer`) and one `warmup/...` log entry; TRL's own rollout metrics of these batches (reward, lengths) go there
+The rule judges the critic by its held-out explained variance of the Monte-Carlo outcome return
+(`METRICS.explained_variance_outcome`: the row's discounted score from each token on, what VAPO's rule means; with HVM
+`METRICS.explained_variance` compares the local head with its own bootstrapped target instead) and by its held-out
+loss. A stop with that explained variance <= 0 is a WARNING saying what to change. Each batch is one INFO line (the
+critic's held-out loss and explained variance of the outcome; shown with `log_level="info"`, see `SynAPOTrainer`) and
+one `warmup/...` log entry; TRL's own rollout metrics of these batches (reward, lengths) go there
 too, so the first training step's metrics average that step's rollout only.
 
 The step axis: warm-up batch k (1..N) is logged at global step k, so TensorBoard, W&B and every other reporter that
@@ -32,9 +36,16 @@ _EV_NOTE = (
     "variance is tiny and any error of the critic dwarfs it; it says the batch has little to explain, not that the "
     "critic is broken)"
 )
+_POOR_EV = (
+    "SynAPO: the value warm-up stopped (%s) with the critic's held-out explained variance of the outcome return "
+    "at %.3f (window mean) <= 0: the critic predicts the return no better than its mean, so the policy starts from "
+    "advantages that are noise around GRPO's. Raise value_warmup_steps (or value_warmup_patience / "
+    "value_warmup_window), check critic_learning_rate, or set value_warmup_target_ev so the warm-up goes on until the "
+    "critic explains the return"
+)
 _STOP_REASONS = {
     "cap": "reached value_warmup_steps",
-    "target_ev": "held-out explained variance reached value_warmup_target_ev",
+    "target_ev": "held-out explained variance of the outcome reached value_warmup_target_ev",
     "plateau": "held-out critic loss stopped improving (value_warmup_patience)",
 }
 
@@ -83,7 +94,7 @@ class ValueWarmupMixin:
             if logs.get(METRICS.batches_skipped, 0.0) > 0:  # nothing to learn from: counts towards the cap only
                 decision = None
             else:
-                decision = rule.update(_heldout_loss(logs), logs.get(METRICS.explained_variance))
+                decision = rule.update(_heldout_loss(logs), logs.get(METRICS.explained_variance_outcome))
             stop = (decision is not None and decision.stop) or self._warmup_done >= cap
             reason = decision.reason if decision is not None and decision.stop else "cap"
             self._warmup_line(logs, decision, reason if stop else None)
@@ -110,14 +121,14 @@ class ValueWarmupMixin:
                 "SynAPO value warm-up %d/%d: skipped, no row had a valid token and a score", self._warmup_done, cap
             )
         else:
-            ev = logs.get(METRICS.explained_variance)
+            ev = logs.get(METRICS.explained_variance_outcome)
             logger.info(
-                "SynAPO value warm-up %d/%d (critic only): held-out critic loss %.4g, explained variance %s "
-                "(window mean %s)%s",
+                "SynAPO value warm-up %d/%d (critic only): held-out critic loss %.4g, explained variance of the "
+                "outcome %s (window mean %s)%s",
                 self._warmup_done,
                 cap,
                 _heldout_loss(logs),
-                "undefined (the returns have no variance)" if ev is None else f"{ev:.3f}",
+                "undefined (every row's return is the same)" if ev is None else f"{ev:.3f}",
                 "undefined" if decision.ev_mean != decision.ev_mean else f"{decision.ev_mean:.3f}",
                 self._explain_ev_once(ev),
             )
@@ -127,6 +138,8 @@ class ValueWarmupMixin:
                 self._warmup_done,
                 _STOP_REASONS[stop_reason],
             )
+            if decision is not None and decision.ev_mean <= 0:  # the critic explains nothing of the return: say so
+                logger.warning(_POOR_EV, _STOP_REASONS[stop_reason], decision.ev_mean)
 
     def _explain_ev_once(self, explained_variance: float | None) -> str:
         """`_EV_NOTE` the first time the explained variance is below -1, else ""."""

@@ -35,7 +35,8 @@ def test_warmup_metrics_stay_out_of_the_first_step(make_trainer, rollout_inputs,
     assert trainer._metrics["train"][METRICS.warmup_batches] == [2.0]
     # progress: INFO through accelerate's logger, as TRL's trainers log ("[RANK 0] " before each line)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "warm-up" in r.getMessage()]
+    louder = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "warm-up" in r.getMessage()]
+    assert not [line for line in louder if "<= 0" not in line]  # only the warning of a critic that explains nothing
     progress = [line for line in lines if line.startswith("[RANK 0] SynAPO value warm-up ") and "explained" in line]
     assert [line.split()[5] for line in progress] == ["1/2", "2/2"], lines
     assert any("done after 2 rollout batches (reached value_warmup_steps)" in line for line in lines), lines
@@ -103,8 +104,10 @@ def test_undefined_explained_variance_is_left_out_and_said(make_trainer, rollout
     (warmup,) = [entry for entry in trainer.state.log_history if "warmup/step" in entry]
     assert f"warmup/{METRICS.explained_variance}" not in warmup
     assert "warmup/explained_variance_window_mean" not in warmup
-    assert any("explained variance undefined (the returns have no variance)" in r.getMessage() for r in caplog.records)
+    assert f"warmup/{METRICS.explained_variance_outcome}" not in warmup
+    assert any("of the outcome undefined (every row's return is the same)" in r.getMessage() for r in caplog.records)
     assert METRICS.explained_variance not in trainer._metrics["train"]
+    assert METRICS.explained_variance_outcome not in trainer._metrics["train"]
 
 
 def test_log_level_info_shows_the_progress_lines(make_trainer):
@@ -118,3 +121,58 @@ def test_log_level_info_shows_the_progress_lines(make_trainer):
         package.setLevel(saved[0])
         package.propagate = saved[1]
         package.handlers[:] = saved[2]
+
+
+@pytest.mark.parametrize("preset", ["ppo", "vapo", "synapo"])
+def test_explained_variance_of_the_outcome_is_logged_for_every_preset(
+    make_trainer, rollout_inputs, critic_batches, preset
+):
+    """The value (head 0) against the row's Monte-Carlo return (gamma 1: its score on every valid token)."""
+    from synapo_ext.core import explained_variance
+
+    trainer = make_trainer(preset)
+    trainer.model.train()
+    trainer._generate_and_score_completions(rollout_inputs(trainer))
+    batch = critic_batches[-1]
+    scores = (trainer._rewards_per_func * trainer.reward_weights).nansum(dim=1)
+    outcome = scores[:, None] * batch.response_mask
+    expected = float(explained_variance(batch.old_values[..., 0], outcome, batch.response_mask))
+    logged = trainer._metrics["train"][METRICS.explained_variance_outcome]
+    assert logged == [pytest.approx(expected, abs=1e-6)]
+    if preset == "synapo":  # HVM: the local head's own target is bootstrapped, so the two figures differ
+        assert trainer._metrics["train"][METRICS.explained_variance] != pytest.approx(logged)
+
+
+def test_warmup_rule_judges_the_explained_variance_of_the_outcome(make_trainer, monkeypatch):
+    from synapo_ext.core import warmup as core_warmup
+
+    seen = []
+    real_update = core_warmup.ValueWarmupRule.update
+
+    def spy(self, loss, explained_variance):
+        seen.append(explained_variance)
+        return real_update(self, loss, explained_variance)
+
+    monkeypatch.setattr(core_warmup.ValueWarmupRule, "update", spy)
+    trainer = make_trainer("synapo", value_warmup_steps=2, max_steps=1)
+    trainer.train()
+    warmup = [entry for entry in trainer.state.log_history if "warmup/step" in entry]
+    assert seen == [entry[f"warmup/{METRICS.explained_variance_outcome}"] for entry in warmup]
+    assert seen != [entry[f"warmup/{METRICS.explained_variance}"] for entry in warmup]
+
+
+@pytest.mark.parametrize(("ev_mean", "loud"), [(-0.02, True), (0.0, True), (0.3, False)])
+def test_a_warmup_stop_with_no_explained_variance_says_so(make_trainer, caplog, ev_mean, loud):
+    from synapo_ext.core.warmup import WarmupDecision
+
+    trainer = make_trainer("vapo", value_warmup_steps=6, value_warmup_patience=1)
+    trainer._warmup_done = 3
+    logs = {HELDOUT_VF_LOSS: 0.1, METRICS.vf_loss: 0.1, METRICS.explained_variance: ev_mean}
+    logs[METRICS.explained_variance_outcome] = ev_mean
+    decision = WarmupDecision(step=3, stop=True, reason="plateau", ev_mean=ev_mean, loss_mean=0.1)
+    with caplog.at_level(logging.WARNING, logger="synapo_ext.trl.warmup"):
+        trainer._warmup_line(logs, decision, "plateau")
+    poor = [r.getMessage() for r in caplog.records if "<= 0" in r.getMessage()]
+    assert len(poor) == (1 if loud else 0), [r.getMessage() for r in caplog.records]
+    if loud:
+        assert "value_warmup_patience" in poor[0] and "value_warmup_steps" in poor[0] and f"{ev_mean:.3f}" in poor[0]
