@@ -148,8 +148,31 @@ TREE_METHODS = ("tree", "synapo-tree", "tree-outcome")
 
 def uses_pretrain(a, method: str) -> bool:
     """VAPO's value pre-training (value_pretrain.py) replaces the trainer's warm-up for the VAPO/SynAPO methods (not
-    the oracle and tree arms, whose values come from the policy's own samples)."""
-    return a.value_pretrain and method not in ("grpo", "ppo", *TREE_METHODS) and not method.endswith("-oracle")
+    the oracle and tree arms, whose values come from the policy's own samples, nor the shared-trunk ones, whose heads
+    pre-train on the policy's features in the trainer's warm-up)."""
+    from learning_setup import TRUNK_METHODS
+
+    special = method.endswith("-oracle") or method in TRUNK_METHODS
+    return a.value_pretrain and method not in ("grpo", "ppo", *TREE_METHODS) and not special
+
+
+def trunk_settings(a, method: str) -> tuple[str, dict]:
+    """(preset, SynAPOConfig settings) of a shared-trunk method: heads on the policy's hidden states, value gradient
+    stopped at the trunk (`-grad`: `trunk_grad_scale` of it into the trunk), pre-trained by the trainer's warm-up
+    (rollouts inside the budget) until the held-out explained variance of the outcome reaches `pretrain_target_ev` or
+    stops improving."""
+    preset, grad = method.split("-trunk")
+    return preset, {
+        "critic_trunk": "shared",
+        "critic_trunk_grad_scale": a.trunk_grad_scale if grad == "-grad" else 0.0,
+        "critic_learning_rate": a.trunk_critic_learning_rate,
+        "critic_epochs": a.trunk_critic_epochs,
+        "critic_mini_batch_size": 8,
+        "value_warmup_steps": a.trunk_warmup_steps,
+        "value_warmup_target_ev": a.pretrain_target_ev,
+        "value_warmup_patience": 3,
+        "value_warmup_window": 2,
+    }
 
 
 def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, dataset, output_dir: str, critic=None):
@@ -196,14 +219,11 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
     warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
     if method.endswith("-oracle") or method in ("tree", "tree-outcome") or uses_pretrain(a, method):
         warmup = 0  # Monte-Carlo values need no warm-up; a pre-trained critic had its own
-    args = SynAPOConfig(
-        **common,
-        preset=preset,
-        critic_learning_rate=a.critic_learning_rate,
-        critic_epochs=a.critic_epochs,
-        value_warmup_steps=warmup,
-        **extra,
-    )
+    critic_settings = dict(critic_learning_rate=a.critic_learning_rate, critic_epochs=a.critic_epochs,
+                           value_warmup_steps=warmup)  # fmt: skip
+    if "-trunk" in method:
+        preset, extra = trunk_settings(a, method)
+    args = SynAPOConfig(**common, preset=preset, **{**critic_settings, **extra})
     return SynAPOTrainer(
         model=model,
         reward_funcs=[reward_fn],

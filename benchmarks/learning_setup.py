@@ -19,7 +19,10 @@ METHODS = ["grpo", "ppo", "vapo", "synapo", "synapo-no-hvm", "synapo-no-scvl", "
 # whether VAPO's length-adaptive lambda (about 0.80 for ~100 tokens) is what keeps the outcome from the early steps;
 # the oracle-value arm (oracle_values.py): Monte-Carlo values at segment starts instead of the learned critic
 ORACLE_METHODS = ["vapo-oracle", "synapo-oracle"]
-EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS, "tree", "synapo-tree", "tree-outcome"]
+# the shared-trunk critic (issue 20, docs/critic_trunk.md): value heads on the policy's own hidden states; their
+# pre-training is the trainer's warm-up on the warm start's features, inside the sample budget
+TRUNK_METHODS = ["vapo-trunk", "synapo-trunk", "synapo-trunk-grad"]
+EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS, "tree", "synapo-tree", "tree-outcome", *TRUNK_METHODS]
 # the checked task's full run (issue 13): the chain table's 9 methods and the oracle arm, the main comparison first
 # the hard task (issue 20): the baselines, then the arms that can pay at equal generated tokens
 HARD_METHODS = ["grpo", "synapo", "vapo", "tree", "synapo-tree", "tree-outcome"]
@@ -84,6 +87,15 @@ class Args:
     """cap on the value pre-training's critic steps (batch 32)"""
     pretrain_target_ev: float = 0.4
     """value pre-training stops when the critic's held-out explained variance reaches this (or stops improving)"""
+    trunk_warmup_steps: int = 8
+    """shared-trunk methods: at most this many critic-only rollout batches pre-train the heads on the warm start's
+    features (the trainer's warm-up, stopping at `pretrain_target_ev` of the outcome); counted as samples"""
+    trunk_critic_learning_rate: float = 3e-3
+    """shared-trunk methods: learning rate of the value heads"""
+    trunk_critic_epochs: int = 4
+    """shared-trunk methods: passes over each rollout batch (mini-batches of 8 rows; no forward: kept features)"""
+    trunk_grad_scale: float = 0.1
+    """`synapo-trunk-grad`: scale of the value loss's gradient into the policy's trunk (the other trunk methods: 0)"""
     oracle_k: int = 8
     """oracle arm: continuations per distinct segment-start prefix (not counted in the sample budget)"""
     oracle_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -154,7 +166,8 @@ def task_config(a: Args):
 # fields added after the chain's table: left out of the setup key at their defaults (its finished runs still match)
 NEW_FIELDS = (
     "task", "value_pretrain", "pretrain_max_rollouts", "pretrain_max_steps", "pretrain_target_ev", "oracle_k",
-    "oracle_seeds", "critic_epochs", "token_budget",
+    "oracle_seeds", "critic_epochs", "token_budget", "trunk_warmup_steps", "trunk_critic_learning_rate",
+    "trunk_critic_epochs", "trunk_grad_scale",
 )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from ..core import PRESETS, SynAPOParams, params_from_preset
 from ..core._hparams import RULES, Rule, check_hparam, check_value
 from ._spelling import RENAMED_CONFIG_KEYWORDS, unknown_keyword_message
 from .tree import TreeRolloutFields
+from .trunk import TrunkCriticFields
 
 __all__ = ["CRITIC_SCHEDULERS", "PRESET_FIELDS", "SynAPOConfig"]
 
@@ -79,7 +80,7 @@ def _from_preset(text: str) -> dict[str, str]:
 
 
 @dataclass
-class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
+class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields, TrunkCriticFields):
     r"""
     Configuration class for [`SynAPOTrainer`]: every [`GRPOConfig`] argument plus SynAPO's.
 
@@ -118,6 +119,11 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
             Gradient clipping of the critic (`0` or `None`: off).
         cliprange_value (`float`, *optional*, defaults to `0.5`):
             PPO value clipping around the rollout-time values (`None`: off).
+        critic_trunk (`str`, *optional*, defaults to `"separate"`), critic_trunk_grad_scale (`float`, *optional*,
+            defaults to `0.0`), critic_trunk_head (`str`, *optional*, defaults to `"linear"`):
+            `"shared"`: the critic is value heads on the policy's own last hidden states (no second model), with the
+            value gradient stopped at the trunk (0) or scaled into it; see `synapo_ext.trl.trunk.TrunkCriticFields`
+            and docs/critic_trunk.md.
 
         > Parameters that control tree rollouts (docs/trl_tree_rollouts.md)
 
@@ -224,6 +230,7 @@ class SynAPOConfig(GRPOConfig, SynAPOParams, TreeRolloutFields):
                 )
             self.num_iterations = self.ppo_epochs
         self._validate_critic_fields()  # before TRL's checks: name the critic's field first
+        self._validate_trunk_fields()
         self.validate_tree_fields()
         self._refuse_group_normalisation()
         for name in PRESET_FIELDS:

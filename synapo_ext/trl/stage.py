@@ -142,8 +142,7 @@ class SynAPOStageMixin:
         rewards = torch.zeros(B, T, device=device)
         rewards[torch.arange(B, device=device), last] = scores
         entropy = self._rollout_entropy_for(output, input_ids, attention_mask, mode) if params.ea_gae_enabled else None
-        with torch.no_grad(), self.accelerator.autocast():
-            values = critic_values(self.critic, input_ids, attention_mask, T)  # (B, T, H)
+        values = self._rollout_values(input_ids, attention_mask, T)  # (B, T, H)
 
         result, scope_world = self._core_stage(learn_mask, rewards, values, entropy, completion_ids, scores, mode)
         output["advantages"] = result.advantages.float() * learn_mask
@@ -169,30 +168,51 @@ class SynAPOStageMixin:
             result.scvl_sides,
             totals.get(METRICS.scvl_pairs, 0.0),
         )
-        generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
-        prepared = self._prepare_critic()
-        means.update(
-            update_critic(
-                prepared.model,
-                prepared.optimizer,
-                self._critic_lr_scheduler(),
-                batch,
-                params,
-                epochs=self.args.critic_epochs,
-                mini_batch_size=self._critic_mini_batch(),
-                cliprange_value=self.args.cliprange_value,
-                max_grad_norm=self.args.critic_max_grad_norm,
-                generator=generator,
-                autocast=self.accelerator.autocast,
-                backend=prepared.backend,
+        if self._critic_update_runs():
+            generator = torch.Generator().manual_seed(self.args.seed + self._critic_updates)
+            prepared = self._prepare_critic()
+            means.update(
+                update_critic(
+                    prepared.model,
+                    prepared.optimizer,
+                    self._critic_lr_scheduler(),
+                    batch,
+                    params,
+                    epochs=self.args.critic_epochs,
+                    mini_batch_size=self._critic_mini_batch(),
+                    cliprange_value=self.args.cliprange_value,
+                    max_grad_norm=self.args.critic_max_grad_norm,
+                    generator=generator,
+                    autocast=self.accelerator.autocast,
+                    backend=prepared.backend,
+                    values_fn=self._critic_values_fn(),
+                )
             )
-        )
-        if means["critic/updates"] == 1:  # one step, on values not yet moved: its vf_loss is the held-out loss
-            means.pop(HELDOUT_VF_LOSS, None)  # one name per quantity
-        self._critic_updates += 1
+            if means["critic/updates"] == 1:  # one step, on values not yet moved: its vf_loss is the held-out loss
+                means.pop(HELDOUT_VF_LOSS, None)  # one name per quantity
+            self._critic_updates += 1
+        self._keep_critic_batch(output, batch)
         means[METRICS.warmup_done] = float(self._warmup_finished)
         means[METRICS.warmup_batches] = float(self._warmup_done + (not self._warmup_finished))  # this one included
         return means, totals
+
+    # --- the critic's parts (the shared-trunk critic, synapo_ext/trl/trunk.py, overrides them) ------------------
+
+    def _rollout_values(self, input_ids, attention_mask, T: int) -> torch.Tensor:
+        """float (B, T, H) rollout-time values of the critic, no grad."""
+        with torch.no_grad(), self.accelerator.autocast():
+            return critic_values(self.critic, input_ids, attention_mask, T)
+
+    def _critic_values_fn(self):
+        """`update_critic`'s `values_fn` (None: the critic's forward on each mini-batch's tokens)."""
+        return None
+
+    def _critic_update_runs(self) -> bool:
+        """Whether this training rollout's critic update runs in the stage."""
+        return True
+
+    def _keep_critic_batch(self, output, batch) -> None:
+        """Called with each training rollout's `CriticBatch` after the critic's update (a no-op here)."""
 
     def _core_stage(self, mask, rewards, values, entropy, completion_ids, scores, mode):
         """`compute_synapo_advantages` over the rows of whole groups, cut to this process's rows.

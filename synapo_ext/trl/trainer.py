@@ -26,6 +26,7 @@ from .critic_weights import init_critic_meta, init_critic_zero3
 from .distributed import PreparedCritic, critic_backend, prepare_critic, zero_stage
 from .stage import LM_WEIGHT, REWARDS_NONFINITE, SynAPOStageMixin, screen_rewards
 from .tree import TreeRolloutMixin
+from .trunk import SharedTrunkMixin
 from .warmup import ValueWarmupMixin, follow_log_level
 
 __all__ = ["SynAPOTrainer"]
@@ -44,7 +45,9 @@ TRAINER_PARAMETERS = (
 )[1:]
 
 
-class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTrainer):
+class SynAPOTrainer(
+    SharedTrunkMixin, TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, CheckpointMixin, GRPOTrainer
+):
     """GRPO's trainer with a learned critic: per-token `(B, T)` advantages from `synapo_ext.core` replace GRPO's
     group-normalised ones; everything else (generation, vLLM, reward functions, the clipped token-level policy loss,
     logging) is TRL's.
@@ -72,6 +75,8 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
       counters, written complete-or-absent after TRL's part of a checkpoint (TRL's rotation of old checkpoints waits
       for it); under FSDP2 / DeepSpeed the weights and optimizer in their sharded layout (`critic_sharded/`) plus a
       plain safetensors export; `train` refuses to resume from a checkpoint whose critic part is missing or partial.
+    - `critic_trunk="shared"` (`SharedTrunkMixin`, synapo_ext/trl/trunk.py): the critic is value heads on the policy's
+      own last hidden states instead of a second model.
 
     Args:
         critic_model: a path / hub id of a token-classification model, a model, or `None` (initialised from the
@@ -135,6 +140,11 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
                 f"{self._critic_backend}: leave it out (the critic is then trained whole, sharded as the policy)"
             )
         self.critic = self._build_critic(critic_model, policy, num_heads=2 if self.synapo.hvm_enabled else 1)
+        if critic_peft_config is not None and args.critic_trunk == "shared":
+            raise ValueError(
+                "`critic_peft_config` adapts a separate critic model, but critic_trunk='shared' puts the value heads "
+                "on the policy: set one of them"
+            )
         if critic_peft_config is not None:
             self.critic = wrap_critic_lora(self.critic, critic_peft_config)
         self.critic_optimizer = None  # prepare_critic's raw AdamW (single: built here; else once the policy is)
@@ -177,7 +187,10 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
     def _build_critic(self, critic_model, policy, *, num_heads: int):
         """The critic before `prepare_critic`: under FSDP2 (and ZeRO-3) a critic initialised from the policy is built
         without memory (meta device; ZeRO-3: partitioned by `deepspeed.zero.Init`) and seeded later, shard by shard,
-        from the prepared policy; otherwise `build_critic` (a path or a model is loaded whole on each rank)."""
+        from the prepared policy; otherwise `build_critic` (a path or a model is loaded whole on each rank). With
+        `critic_trunk="shared"`: value heads on the policy (`trunk.TrunkCritic`)."""
+        if self.args.critic_trunk == "shared":
+            return self._build_trunk_critic(critic_model, policy, num_heads=num_heads)
         if critic_model is None and self._critic_backend == "fsdp2":
             self._critic_from_policy = True
             return init_critic_meta(policy.config, num_heads=num_heads)
@@ -196,6 +209,9 @@ class SynAPOTrainer(TreeRolloutMixin, ValueWarmupMixin, SynAPOStageMixin, Checkp
         """The critic, its raw AdamW (the policy's Adam betas and epsilon) and wrapper, through `prepare_critic` as
         accelerate runs the policy; once (FSDP2 / DeepSpeed / DDP: after the policy is prepared, see
         `_prepare_for_training`). Sets `critic` (what to call: the wrapper) and `critic_optimizer`."""
+        if self._critic is None and self.args.critic_trunk == "shared":  # the heads on the policy: a plain AdamW
+            self._critic = self._prepare_trunk_critic()
+            self.critic_optimizer = self._critic.optimizer
         if self._critic is None:
             args = self.args
             checkpointing = bool(args.activation_checkpointing or args.gradient_checkpointing)

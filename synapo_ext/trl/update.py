@@ -31,7 +31,14 @@ from ..core import (
 from .critic import critic_values
 from .distributed import PreparedCritic, critic_step
 
-__all__ = ["HELDOUT_VF_LOSS", "CriticBatch", "critic_health", "update_critic"]
+__all__ = [
+    "HELDOUT_VF_LOSS",
+    "CriticBatch",
+    "critic_health",
+    "minibatch_critic_loss",
+    "outcome_returns",
+    "update_critic",
+]
 
 # the value loss on a batch the critic has not trained on yet (TRL only); not logged when the update is one step,
 # whose critic/vf_loss is this same number
@@ -105,16 +112,16 @@ def _sides_in(sides: SCVLSides, rows: torch.Tensor, batch_size: int) -> SCVLSide
                      sides.is_positive[here])  # fmt: skip
 
 
-def _minibatch_loss(
-    critic: nn.Module,
+def minibatch_critic_loss(
+    values: torch.Tensor,
     batch: CriticBatch,
     rows: torch.Tensor,
     params: SynAPOParams,
     cliprange_value: float | None,
     n_minibatches: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    T = batch.response_mask.size(1)
-    values = critic_values(critic, batch.input_ids[rows], batch.attention_mask[rows], T)  # (b, T, H)
+    """The critic loss (`core.critic_objective`: value loss, HVM's two heads, SCVL's split hinge) of `batch`'s `rows`
+    (LongTensor (b,)) from their values `values` (b, T, H), with grad; returns (loss, metrics)."""
     old = batch.old_values[rows]
     hvm = params.hvm_enabled
     out = critic_objective(
@@ -135,6 +142,23 @@ def _minibatch_loss(
     return out.loss, out.metrics
 
 
+def _minibatch_loss(
+    critic: nn.Module,
+    batch: CriticBatch,
+    rows: torch.Tensor,
+    params: SynAPOParams,
+    cliprange_value: float | None,
+    n_minibatches: int,
+    values_fn=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if values_fn is not None:
+        values = values_fn(rows)  # (b, T, H)
+    else:
+        T = batch.response_mask.size(1)
+        values = critic_values(critic, batch.input_ids[rows], batch.attention_mask[rows], T)  # (b, T, H)
+    return minibatch_critic_loss(values, batch, rows, params, cliprange_value, n_minibatches)
+
+
 def update_critic(
     critic: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -149,13 +173,16 @@ def update_critic(
     generator: torch.Generator,
     autocast=None,
     backend: str = "single",
+    values_fn=None,
 ) -> dict[str, float]:
     """`epochs` passes over `batch` in shuffled mini-batches, one `distributed.critic_step` each (backward, clip,
     optimizer and `scheduler` step); returns the metrics averaged over the steps.
 
     `critic`, `optimizer` and `backend` are a `PreparedCritic`'s `model`, `optimizer` and `backend` (`critic`: what
     to call, the DDP / FSDP2 module or the DeepSpeed engine). Every rank takes the same number of steps (the
-    wrappers' forward and backward are collective).
+    wrappers' forward and backward are collective). `values_fn(rows)`, when given, returns the (b, T, H) values of
+    those rows with grad instead of the critic's forward on their tokens (the shared-trunk critic: heads on kept
+    features, synapo_ext/trl/trunk.py).
     """
     prepared = PreparedCritic(
         critic, optimizer, backend, scheduler=scheduler, engine=critic if backend == "deepspeed" else None
@@ -170,7 +197,7 @@ def update_critic(
         for k in range(n_minibatches):
             rows = order[k * mini_batch_size : (k + 1) * mini_batch_size]
             with autocast() if autocast is not None else torch.enable_grad():
-                loss, metrics = _minibatch_loss(critic, batch, rows, params, cliprange_value, n_minibatches)
+                loss, metrics = _minibatch_loss(critic, batch, rows, params, cliprange_value, n_minibatches, values_fn)
             norm = critic_step(prepared, loss, max_grad_norm=max_grad_norm)  # steps `scheduler` too
             if norm is not None:
                 metrics[METRICS.grad_norm] = norm

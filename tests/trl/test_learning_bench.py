@@ -199,3 +199,26 @@ def test_hard_task_defaults_equal_compute():
     assert a.out.endswith("hard") and a.cache_dir.endswith("learning_hard")
     checked = apply_quick(Args(task="checked"))
     assert checked.token_budget == 0 and setup_key(checked) == "bca09658efba"  # the checked task's finished runs
+
+
+@pytest.mark.parametrize(("method", "preset", "scale"), [("synapo-trunk", "synapo", 0.0), ("vapo-trunk", "vapo", 0.0),
+                                                         ("synapo-trunk-grad", "synapo", 0.1)])  # fmt: skip
+def test_trunk_methods_reach_the_trainer(tmp_path, method, preset, scale):
+    """Shared-trunk methods: heads on the policy, pre-trained by the trainer's warm-up (not value_pretrain.py)."""
+    import learning
+    import learning_run
+
+    from synapo_ext.trl.trunk import TrunkCritic
+
+    a = learning.parse_args(["--task", "checked", "--quick", "--samples", "64", "--out", str(tmp_path)])
+    cfg = task_chain.TaskConfig(sft_steps=a.sft_steps)
+    tokenizer = task_chain.make_tokenizer()
+    model = task_chain.make_model(tokenizer, cfg, seed=0)
+    dataset = task_chain.rl_dataset(cfg, n=16, seed=0)
+    trainer = learning_run.build_trainer(
+        a, method, 0, model, tokenizer, lambda completions, **kw: [0.0] * len(completions), dataset, str(tmp_path)
+    )
+    assert not learning_run.uses_pretrain(a, method) and learning_run.uses_pretrain(a, preset)
+    assert isinstance(trainer.critic, TrunkCritic) and trainer.args.critic_trunk_grad_scale == scale
+    assert trainer.synapo.value_warmup_steps == a.trunk_warmup_steps
+    assert trainer.synapo.hvm_enabled == (preset == "synapo") and trainer.args.critic_epochs == a.trunk_critic_epochs
