@@ -368,7 +368,7 @@ class SharedTrunkMixin:
         return out
 
     def _step_heads(self) -> None:
-        prepared = self._prepare_critic()
+        prepared, scheduler = self._prepare_critic(), self._critic_lr_scheduler()  # the scheduler before the step
         params = [p for p in self.critic.parameters() if p.grad is not None]
         if not params:
             return
@@ -378,5 +378,5 @@ class SharedTrunkMixin:
             self._metrics["train"][METRICS.grad_norm].append(float(norm))
         prepared.optimizer.step()
         prepared.optimizer.zero_grad(set_to_none=True)
-        self._critic_lr_scheduler().step()
+        scheduler.step()
         self._critic_updates += 1
