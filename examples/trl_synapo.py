@@ -1,22 +1,26 @@
-"""Train a tiny Qwen2 with SynAPO on TRL 1.16 on CPU, from scratch, in a couple of minutes.
+"""SynAPO on TRL 1.16, shaped like TRL's own scripts (`trl/scripts/grpo.py`): `ScriptArguments`, `SynAPOConfig` and
+`ModelConfig` through `TrlParser` (flags or `--config file.yaml`), a model and a dataset by name or local path, reward
+functions chosen by flag, the model saved (policy, critic in `critic/`) and pushed to the Hub at the end.
 
-The task: "a+b=" -> the sum (a, b in 0..4, so 25 prompts); the reward is 1 when the completion starts with the right
-sum. A randomly initialised policy gets it right about 6 % of the time (measured), so about 4 groups of 8 in 10 hold a
-success to learn from. The model and a character tokenizer (with a "\\n\\n" token, so HVM finds segment boundaries)
-are built locally: no download. Completions are 8 tokens: a random policy emits "\\n\\n" now and then (HVM's
-`segments_mean` > 1); once it has learnt to answer, most completions hold none and are one segment.
+Without `--model_name_or_path` it runs the offline demo: a tiny Qwen2 and a character tokenizer built on the spot
+learn "a+b=" -> the sum (a, b in 0..4) on CPU, from scratch, in a couple of minutes; the reward is 1 when the
+completion starts with the right sum. A randomly initialised policy gets it right about 6 % of the time, so about
+4 groups of 8 in 10 hold a success to learn from. The demo prints the mean reward every `--print_every` steps and
+the greedy accuracy on the 25 prompts before and after training. It is an example, not a benchmark.
 
-The script prints the mean reward every `--print_every` steps, the greedy accuracy on the 25 prompts before and after
-training, and the mean reward of the first and last 10 steps. This is an example, not a benchmark: it compares
-nothing, and one run's curve is noisy (it can dip for 100 steps before rising again).
-
-    python examples/trl_synapo.py --help                       # every option, with this script's defaults
-    python examples/trl_synapo.py                              # preset synapo, 800 steps (about a minute)
+    python examples/trl_synapo.py --help          # every option; the defaults shown are the demo's
+    python examples/trl_synapo.py                 # the demo: preset synapo, 800 steps
     python examples/trl_synapo.py --preset vapo --ea_gae_beta -0.05 --output_dir out/vapo
-    python examples/trl_synapo.py --use_cpu false --bf16 true  # on a GPU (this script defaults to the CPU)
+    # a real model, a dataset with a `prompt` column and a reward function by name (or a dotted import path):
+    accelerate launch --config_file examples/accelerate/fsdp2_8gpu.yaml examples/trl_synapo.py \
+        --model_name_or_path Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 \
+        --dataset_name trl-lib/DeepMath-103K --reward_funcs accuracy_reward \
+        --use_peft --lora_r 16 --output_dir out/qwen-synapo --push_to_hub
 
-The same script trains a real model: replace `tiny_policy()` by `AutoModelForCausalLM.from_pretrained(...)`, and go
-back to the library's defaults for the learning rates, `ea_gae_alpha` and `value_warmup_steps` (see `DEFAULTS`).
+With `--model_name_or_path` the library's defaults apply (the demo's `DEFAULTS` are for a 100k-parameter model on
+CPU): TRL's learning rate, bf16, the preset's `value_warmup_steps`. `--dataset_name` takes a hub id, a local folder
+of data files, or a folder written by `Dataset.save_to_disk`. `--reward_funcs` takes the names in `REWARDS` or
+`module.function` (the script's folder and the working directory are on the import path).
 
 `explained_variance` is the critic's held-out explained variance, 1 - Var(return - value) / Var(return), on each
 fresh batch before the critic trains on it. It can be far below 0 (e.g. -177) when the returns are nearly constant
@@ -26,6 +30,8 @@ fresh batch before the critic trains on it. It can be far below 0 (e.g. -177) wh
 
 from __future__ import annotations
 
+import importlib
+import os
 import random
 import sys
 import time
@@ -36,7 +42,7 @@ from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
-from trl import TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from synapo_ext.core import METRICS
 from synapo_ext.trl import SynAPOConfig, SynAPOTrainer
@@ -55,14 +61,20 @@ DEFAULTS = {
     "max_steps": 800, "num_generations": 8, "per_device_train_batch_size": 32,
     "max_completion_length": 8, "temperature": 1.0,
     "learning_rate": 1e-3, "lr_scheduler_type": "constant", "critic_learning_rate": 1e-3,
-    "ea_gae_alpha": 0.5, "value_warmup_steps": 5,
+    "ea_gae_alpha": 0.5, "value_warmup_steps": 5, "log_level": "info",
 }  # fmt: skip
 
 
 @dataclass
-class Args:
-    """Options of this script (the trainer's come from SynAPOConfig)."""
+class Args(ScriptArguments):
+    """Options of this script: TRL's `ScriptArguments` (`--dataset_name`, ...) and the demo's (the trainer's come from
+    SynAPOConfig, the model's from ModelConfig)."""
 
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["correct"],
+        metadata={"help": "Reward functions: names in REWARDS (correct, accuracy_reward, think_format_reward, "
+                  "reasoning_accuracy_reward) or a dotted import path `module.function`."},
+    )  # fmt: skip
     num_prompts: int = field(
         default=256, metadata={"help": "Size of the synthetic training set (25 distinct prompts)."}
     )
@@ -110,8 +122,42 @@ def sum_dataset(n: int, seed: int) -> Dataset:
 
 
 def correct(completions, answer, **kwargs):
-    """1.0 when the completion starts with the right sum."""
+    """1.0 when the completion starts with the row's `answer` (the demo's reward; any dataset with an `answer`)."""
     return [1.0 if c.strip().startswith(a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+def reward_functions(names: list[str]) -> list:
+    """`--reward_funcs`: names in REWARDS, or `module.function` (from the working directory or this folder)."""
+    from trl.rewards import accuracy_reward, reasoning_accuracy_reward, think_format_reward
+
+    registry = {"correct": correct, "accuracy_reward": accuracy_reward, "think_format_reward": think_format_reward,
+                "reasoning_accuracy_reward": reasoning_accuracy_reward}  # fmt: skip
+    funcs = []
+    for name in names:
+        if name in registry:
+            funcs.append(registry[name])
+        elif "." in name:
+            module, attr = name.rsplit(".", 1)
+            sys.path[:0] = [os.getcwd(), os.path.dirname(os.path.abspath(__file__))]
+            funcs.append(getattr(importlib.import_module(module), attr))
+        else:
+            raise SystemExit(f"--reward_funcs: unknown {name!r}; use one of {sorted(registry)} or module.function")
+    return funcs
+
+
+def load_train_dataset(args: Args):
+    """`--dataset_name`: a folder written by `Dataset.save_to_disk`, or anything `datasets.load_dataset` takes (a hub
+    id, a local folder of data files), then `--dataset_train_split`."""
+    from datasets import load_dataset, load_from_disk
+
+    name = args.dataset_name
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+        data = load_from_disk(name)
+    elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        data = load_from_disk(name)
+    else:
+        data = load_dataset(name, name=args.dataset_config)
+    return data[args.dataset_train_split] if hasattr(data, "keys") else data
 
 
 @torch.no_grad()
@@ -155,19 +201,42 @@ class PrintProgress(TrainerCallback):
                 )
 
 
+def parse() -> tuple[Args, SynAPOConfig, ModelConfig]:
+    """TRL's parser over (script, trainer, model) arguments. The demo's DEFAULTS apply when no model is named (on the
+    command line or in `--config`), so `--model_name_or_path` gets the library's defaults."""
+    types = (Args, SynAPOConfig, ModelConfig)
+    description = ("SynAPO on TRL. Without --model_name_or_path: the offline demo (a tiny Qwen2 on CPU); the "
+                   "defaults shown are the demo's, a named model gets the library's. On a GPU pass --use_cpu false "
+                   "--bf16 true (the demo defaults to the CPU).")  # fmt: skip
+    parser = TrlParser(types, description=description)
+    if not _names_a_model(sys.argv[1:]):
+        parser.set_defaults(**DEFAULTS)
+    return parser.parse_args_and_config()
+
+
+def _names_a_model(argv: list[str]) -> bool:
+    """Whether `--model_name_or_path` is given on the command line or in the `--config` YAML file."""
+    import yaml
+
+    flags = ("--model_name_or_path", "--model-name-or-path")
+    if any(arg in flags or arg.split("=", 1)[0] in flags for arg in argv):
+        return True
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
+        if (arg == "--config" or arg.startswith("--config=")) and path:
+            with open(path) as f:
+                return bool((yaml.safe_load(f) or {}).get("model_name_or_path"))
+    return False
+
+
 def main() -> None:
-    parser = TrlParser(
-        (Args, SynAPOConfig),
-        description="SynAPO on a tiny Qwen2 (CPU, from scratch). Defaults shown are this script's; on a GPU pass "
-        "--use_cpu false --bf16 true.",
-    )
-    parser.set_defaults(**DEFAULTS)
-    script_args, args = parser.parse_args_and_config()
+    script_args, args, model_args = parse()
     if script_args.num_threads > 0:
         torch.set_num_threads(script_args.num_threads)
     import transformers
     import trl
 
+    demo = model_args.model_name_or_path is None
     print("command:", " ".join(sys.argv))
     print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
     print(f"preset {args.preset}: {args.synapo_params()}")
@@ -177,33 +246,50 @@ def main() -> None:
         print("note: training on the CPU (this script's default); pass --use_cpu false to use the GPU")
     if args.logging_steps != 1:
         print("note: --logging_steps is not 1, so each printed reward averages logged steps only")
-    tokenizer = tiny_tokenizer()
-    policy = tiny_policy(tokenizer, script_args.hidden_size, script_args.num_layers, args.seed)
+    if demo:
+        tokenizer = tiny_tokenizer()
+        model = tiny_policy(tokenizer, script_args.hidden_size, script_args.num_layers, args.seed)
+    else:  # as TRL's grpo script: the trainer loads the model by name with these keyword arguments
+        tokenizer, model = None, model_args.model_name_or_path
+        init = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
+                "dtype": model_args.dtype, "trust_remote_code": args.trust_remote_code}  # fmt: skip
+        args.model_init_kwargs = {**init, **(args.model_init_kwargs or {})}
+    if script_args.dataset_name:
+        train_dataset = load_train_dataset(script_args)
+    else:
+        train_dataset = sum_dataset(script_args.num_prompts, args.seed)
     progress = PrintProgress(script_args.print_every)
     trainer = SynAPOTrainer(
-        model=policy,
-        reward_funcs=[correct],
+        model=model,
+        reward_funcs=reward_functions(script_args.reward_funcs),
         args=args,
-        train_dataset=sum_dataset(script_args.num_prompts, args.seed),
+        train_dataset=train_dataset,
         processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # TRL's full log dict per step: PrintProgress prints a summary instead
-    before = greedy_accuracy(trainer.model, tokenizer)
-    print(f"greedy accuracy before training: {before:.2f}")
+    before = greedy_accuracy(trainer.model, tokenizer) if demo else None
+    if demo:
+        print(f"greedy accuracy before training: {before:.2f}")
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     minutes = (time.perf_counter() - start) / 60
-    after = greedy_accuracy(trainer.model, tokenizer)
     r = progress.rewards
     k = min(10, len(r))
     if k:
         first, last = sum(r[:k]) / k, sum(r[-k:]) / k
         span = f"({len(r)} steps, {minutes:.1f} min)"
         print(f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} {span}")
-    print(f"greedy accuracy: {before:.2f} before -> {after:.2f} after training")
+    if demo:
+        print(
+            f"greedy accuracy: {before:.2f} before -> {greedy_accuracy(trainer.model, tokenizer):.2f} after training"
+        )
     trainer.save_model()
     print(f"saved the policy and its critic (critic/) to {args.output_dir}")
+    if args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        print(f"pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}")
 
 
 if __name__ == "__main__":
