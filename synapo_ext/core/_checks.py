@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._hparams import check_hparam
+
 __all__ = [
     "check_finite",
     "check_ids",
@@ -21,6 +23,11 @@ def check_tensor(x: object, name: str, *, ndim: int | None = None) -> torch.Tens
     """Raise `TypeError` unless `x` is a tensor, `ValueError` unless it has `ndim` dimensions."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(
+            f"`{name}` is on the meta device (a shape without data): materialise it first (e.g. `to_empty` and load "
+            "the weights, or compute it on a real device)"
+        )
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"`{name}` must have {ndim} dimensions, got shape {tuple(x.shape)}")
     return x
@@ -108,13 +115,9 @@ def row_any(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).amax(dim=1).bool()
 
 
-def check_probability(value: float, name: str) -> float:
-    """A hyper-parameter that must lie in [0, 1] (gamma, lambda)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a float, got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
-    return float(value)
+def check_probability(value: float, name: str, field: str = "gamma") -> float:
+    """A hyper-parameter in [0, 1] (gamma, lambda), by the rule of the `SynAPOParams` field `field`."""
+    return check_hparam(field, value, name)
 
 
 def float_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

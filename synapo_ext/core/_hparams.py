@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RULES", "Rule", "check_hparam", "check_lambda_clip", "check_value"]
+__all__ = ["ARGUMENT_RULES", "RULES", "Rule", "check_argument", "check_hparam", "check_lambda_clip", "check_value"]
 
 _INF = math.inf
 
@@ -96,6 +96,14 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Hyper-parameters of core functions that are no SynAPOParams field (the hosts' own settings)
+ARGUMENT_RULES: dict[str, Rule] = {
+    "cliprange_value": Rule("float", 0.0, low_open=True, optional=True, why=" or None (None: no value clipping)"),
+    "num_tokens": Rule("float", 0.0, low_open=True, optional=True),
+    "num_pairs": Rule("float", 0.0),
+}
+
+
 def check_value(value: Any, name: str, rule: Rule) -> Any:
     """`value` under `rule`; returns it (a float for a `float` rule, so an int stays exact).
 
@@ -133,6 +141,13 @@ def check_hparam(field: str, value: Any, name: str | None = None) -> Any:
     except (TypeError, ValueError) as exc:
         exc.field = field
         raise
+
+
+def check_argument(name: str, value: Any) -> Any:
+    """`value` under `ARGUMENT_RULES[name]` (a Python number; a 0-d tensor is read as its number)."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    return check_value(value, name, ARGUMENT_RULES[name])
 
 
 def check_lambda_clip(

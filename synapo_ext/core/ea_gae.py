@@ -9,30 +9,61 @@ the critic). The floor eps keeps 1 + beta * H positive when beta < 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_finite, check_mask, check_same_shape, check_tensor, float_dtype
+from ._hparams import check_hparam, check_lambda_clip
 
-__all__ = ["EA_GAE_EPS", "check_ea_gae_args", "ea_gae_lambda"]
+__all__ = ["EA_GAE_EPS", "ENTROPY_ROUNDING", "check_ea_gae_args", "check_entropy", "ea_gae_lambda"]
 
 EA_GAE_EPS = 1e-6
+# An entropy is >= 0; one computed from low-precision logits (bf16: logsumexp - sum p * logits) can come out slightly
+# below 0. Values down to -ENTROPY_ROUNDING nats are taken as that rounding; lower ones (e.g. log-probs passed by
+# mistake) are an error.
+ENTROPY_ROUNDING = 1.0
 
 
 def check_ea_gae_args(
-    mask: torch.Tensor, entropy: object, *, alpha: float, lambda_min: float, lambda_max: float, finite: bool = True
+    mask: torch.Tensor,
+    entropy: object,
+    *,
+    alpha: float,
+    lambda_min: float,
+    lambda_max: float,
+    beta: float = 0.0,
+    finite: bool = True,
 ) -> torch.Tensor | None:
-    """`ea_gae_lambda`'s checks on a validated bool `mask`; returns `entropy` (or None). `finite=False` leaves out
-    the pass over the data (a caller that checks it in its own pass)."""
-    if not alpha > 0:
-        raise ValueError(f"`alpha` must be > 0, got {alpha}")
-    if not 0.0 <= lambda_min <= lambda_max <= 1.0:
-        raise ValueError(f"need 0 <= `lambda_min` <= `lambda_max` <= 1, got {lambda_min} and {lambda_max}")
+    """`ea_gae_lambda`'s checks on a validated bool `mask` (hyper-parameters by the rules of `SynAPOParams`'
+    `ea_gae_*` fields); returns `entropy` (or None). `finite=False` leaves out the pass over the data (a caller that
+    checks it in its own pass)."""
+    check_hparam("ea_gae_alpha", alpha, "alpha")
+    check_hparam("ea_gae_beta", beta, "beta")
+    check_lambda_clip(lambda_min, lambda_max)
     if entropy is not None:
         entropy = check_tensor(entropy, "entropy", ndim=2)
         check_same_shape(entropy, "entropy", mask.shape, "response_mask")
         if finite:
-            check_finite(entropy, "entropy")
+            check_entropy(entropy, mask)
     return entropy
+
+
+def check_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> None:
+    """Finite everywhere and >= -ENTROPY_ROUNDING at valid tokens (one pass: a NaN/inf makes min or max non-finite)."""
+    if entropy.numel() == 0:
+        return
+    low, high = (float(x) for x in torch.aminmax(entropy))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        check_finite(entropy, "entropy")
+    if low < -ENTROPY_ROUNDING:  # masked positions may hold anything finite: look at the valid ones only
+        valid = entropy[mask]
+        low = float(valid.min()) if valid.numel() else 0.0
+        if low < -ENTROPY_ROUNDING:
+            raise ValueError(
+                f"`entropy` must be >= 0 (nats) at valid tokens, got {low:.4g} (values down to "
+                f"-{ENTROPY_ROUNDING} are taken as rounding): is it the policy's entropy, not log-probabilities?"
+            )
 
 
 def ea_gae_lambda(
@@ -50,17 +81,19 @@ def ea_gae_lambda(
         response_mask: bool/int/float (B, T) of 0 and 1; l_b is the number of valid tokens of row b.
         entropy: float (B, T), H in nats of the rollout policy at s_t; None means H = 0.
         alpha: length scale, > 0 (VAPO: 0.05).
-        beta: entropy scale (any sign).
+        beta: entropy scale (any sign, finite).
         lambda_min, lambda_max: clip range, 0 <= lambda_min <= lambda_max <= 1.
 
     Returns:
         lambda: float (B, T) in [lambda_min, lambda_max] (finite at masked positions too).
 
     Raises:
-        ValueError: alpha <= 0, a bad clip range, NaN/inf entropy, or a bad mask.
+        TypeError: a hyper-parameter of the wrong type (e.g. a string), naming it.
+        ValueError: alpha <= 0, NaN/inf beta, a bad clip range, NaN/inf entropy or entropy below -ENTROPY_ROUNDING
+            at a valid token, or a bad mask.
     """
     mask = check_mask(response_mask)
-    entropy = check_ea_gae_args(mask, entropy, alpha=alpha, lambda_min=lambda_min, lambda_max=lambda_max)
+    entropy = check_ea_gae_args(mask, entropy, alpha=alpha, beta=beta, lambda_min=lambda_min, lambda_max=lambda_max)
     dtype = float_dtype(entropy)
     lengths = mask.sum(dim=1, keepdim=True).to(dtype)  # l_b, (B, 1)
     scale = alpha * lengths

@@ -16,6 +16,7 @@ import torch
 from ._blocks import map_row_blocks, row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
+from ._hparams import check_hparam
 from .scan import reverse_linear_scan
 
 __all__ = [
@@ -111,7 +112,7 @@ def next_token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def check_lambda(lam: float | torch.Tensor, name: str, shape: torch.Size, mask: torch.Tensor) -> float | torch.Tensor:
     """A float in [0, 1], or a (B, T) tensor in [0, 1] at valid positions (finite everywhere)."""
     if not isinstance(lam, torch.Tensor):
-        return check_probability(lam, name)
+        return check_probability(lam, name, "gae_lambda")
     check_same_shape(lam, name, shape, "rewards")
     check_finite(lam, name)
     if lam.numel() == 0:
@@ -170,6 +171,7 @@ def compute_gae(
     rewards, values = check_gae_args(rewards, values, mask)
     gamma = check_probability(gamma, "gamma")
     lam = check_lambda(lam, "lam", rewards.shape, mask)
+    check_hparam("whiten_advantages", whiten, "whiten")
 
     dtype = float_dtype(rewards, values, lam if isinstance(lam, torch.Tensor) else None)
     outputs = [torch.empty(mask.shape, dtype=dtype, device=mask.device) for _ in range(2)]

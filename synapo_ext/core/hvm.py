@@ -21,6 +21,7 @@ import torch
 from ._blocks import map_row_blocks
 from ._checks import check_finite, check_mask, check_probability, check_same_shape, check_tensor, float_dtype
 from ._compact import Compactor
+from ._hparams import check_hparam
 from .gae import check_lambda, next_token_values, whiten_in_place
 from .scan import reverse_linear_scan
 
@@ -78,8 +79,7 @@ def check_hvm_args(
             check_finite(x, name)
     if finite:
         check_finite(rewards, "rewards")
-    if isinstance(global_weight, bool) or not isinstance(global_weight, (int, float)):
-        raise TypeError(f"`global_weight` must be a float, got {type(global_weight).__name__}")
+    check_hparam("hvm_global_weight", global_weight, "global_weight")
     return rewards
 
 
@@ -121,8 +121,9 @@ def hvm_advantages(
     rewards = check_hvm_args(rewards, local_values, global_values, mask, global_weight=global_weight)
     seg_ids = _check_seg_ids(seg_ids, rewards.shape, mask)
     gamma = check_probability(gamma, "gamma")
-    global_lam = check_probability(global_lam, "global_lam")
+    global_lam = check_probability(global_lam, "global_lam", "hvm_global_lambda")
     lam = check_lambda(lam, "lam", rewards.shape, mask)
+    check_hparam("whiten_advantages", whiten, "whiten")
 
     dtype = float_dtype(rewards, local_values, global_values, lam if isinstance(lam, torch.Tensor) else None)
     # on blocks of rows (see `_hvm_rows`): the temporaries are block-sized, only the four outputs are (B, T)

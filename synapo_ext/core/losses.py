@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_mask, check_same_shape, check_tensor
-from ._hparams import Rule, check_hparam, check_value
+from ._checks import check_finite, check_mask, check_same_shape, check_tensor
+from ._hparams import Rule, check_argument, check_hparam, check_value
 from .metrics import METRICS
 from .scvl import SCVLSides, scvl_split_loss
 
@@ -50,8 +50,31 @@ def value_loss(
 
     Returns:
         (loss, clipfrac), scalars; both 0 when `mask` selects nothing.
+
+    Raises:
+        TypeError, ValueError: naming the argument: a bad `cliprange_value` (> 0 or None), or a loss that is not
+            finite: NaN/inf in `values`, `returns` or `old_values` (masked positions included), or errors so large
+            that the squares overflow.
     """
-    return _value_loss(values, returns, mask, old_values, cliprange_value, None)
+    values = check_tensor(values, "values", ndim=2)
+    check_same_shape(check_tensor(returns, "returns"), "returns", values.shape, "values")
+    loss, clipfrac = _value_loss(values, returns, mask, old_values, cliprange_value, None)
+    _check_loss(loss, "value loss", values=values, returns=returns, old_values=old_values)
+    return loss, clipfrac
+
+
+def _check_loss(loss: torch.Tensor, what: str, **inputs: torch.Tensor | None) -> None:
+    """Raise a `ValueError` naming the input that made `loss` NaN/inf (one read of the scalar; the inputs are looked
+    at only then), or saying the squares overflowed."""
+    if bool(torch.isfinite(loss.detach())):
+        return
+    for name, x in inputs.items():
+        if x is not None:
+            check_finite(x, name)
+    raise ValueError(
+        f"the {what} is {float(loss)}: the inputs are finite but the squared errors overflow {loss.dtype} (values and "
+        "targets too far apart, e.g. rewards of the order of 1e19 or more: scale the rewards down)"
+    )
 
 
 def _value_loss(
@@ -63,6 +86,7 @@ def _value_loss(
     num_tokens: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`value_loss` divided by `num_tokens` (None: `mask`'s own count); the clip fraction is over `mask`'s tokens."""
+    cliprange_value = check_argument("cliprange_value", cliprange_value)
     mask = mask.to(values.dtype)
     count = mask.sum().clamp_min(1.0)
     losses = (values - returns).square()
@@ -219,6 +243,9 @@ def critic_objective(
         for name in (METRICS.vf_loss, METRICS.global_loss):
             if name in metrics:
                 metrics[name] = metrics[name] * scale
+    inputs = {"values": values, "returns": returns, "old_values": old_values, "global_values": global_values}
+    inputs.update(global_returns=global_returns, old_global_values=old_global_values)
+    _check_loss(loss, "critic loss", **inputs)
     return CriticObjective(loss, metrics)
 
 
@@ -234,8 +261,8 @@ def positive_lm_weights(scores: torch.Tensor, *, coef: float, threshold: float) 
         float32 (B,) on `scores`' device.
     """
     scores = check_tensor(scores, "scores", ndim=1)
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0.0 <= coef < float("inf"):
-        raise ValueError(f"`coef` must be a finite float >= 0, got {coef!r}")
+    check_hparam("positive_lm_coef", coef, "coef")
+    check_hparam("positive_lm_threshold", threshold, "threshold")
     correct = scores >= threshold  # NaN >= threshold is False
     return correct.to(torch.float32) * float(coef)
 
@@ -269,11 +296,20 @@ def positive_lm_loss(
     weights = check_tensor(weights, "weights", ndim=1)
     if weights.numel() != log_probs.shape[0]:
         raise ValueError(f"`weights` has {weights.numel()} entries, expected one per row ({log_probs.shape[0]})")
-    if num_tokens is not None and not num_tokens > 0:
-        raise ValueError(f"`num_tokens` must be > 0 or None, got {num_tokens!r}")
+    check_finite(weights, "weights")
+    num_tokens_checked = check_argument("num_tokens", num_tokens)
+    if not isinstance(num_tokens, torch.Tensor):
+        num_tokens = num_tokens_checked
     w = weights.to(log_probs.device, log_probs.dtype)[:, None]  # (B, 1)
     counted = mask & (w != 0)  # (B, T); a -inf log-prob outside it never meets a zero weight (no NaN)
     if num_tokens is None:
         num_tokens = (mask & (w > 0)).sum().clamp_min(1)
     # -sum_{b,t} w_b * log pi(y_bt) * m_bt / N
-    return -torch.where(counted, log_probs * w, 0.0).sum() / num_tokens
+    loss = -torch.where(counted, log_probs * w, 0.0).sum() / num_tokens
+    if not bool(torch.isfinite(loss.detach())):  # NaN/inf log-probs of the counted tokens
+        bad = int((~torch.isfinite(log_probs[counted])).sum())
+        raise ValueError(
+            f"`log_probs` holds {bad} NaN/inf entries at the counted tokens (rows with a positive-LM weight): the "
+            "policy's log-probabilities of its own samples must be finite"
+        )
+    return loss

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ._checks import check_finite, check_ids, check_mask, check_same_shape, check_tensor
+from ._hparams import check_argument, check_hparam
 
 __all__ = [  # in the order a host uses them
     "SCVLPairs",
@@ -126,6 +127,7 @@ def scvl_group_stats(
     """Counts of groups for the metrics: all, mixed (have a pair), all-positive and all-negative."""
     scores = check_tensor(scores, "scores", ndim=1)
     check_finite(scores, "scores")
+    check_hparam("scvl_threshold", threshold, "threshold")
     codes = group_codes(group_ids, scores.numel())
     n_groups = int(codes.max()) + 1 if codes.numel() else 0
     positive = (scores.cpu() >= threshold).long()
@@ -237,8 +239,8 @@ def pairs_from_lengths(
     with `_divergence`'s arguments and result (the fused stage passes its compiled one), None: `_divergence`."""
     B = response_ids.shape[0]
     scores = _check_scores(scores, B)
-    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
-        raise ValueError(f"`max_pairs` must be an integer >= 1, got {max_pairs!r}")
+    check_hparam("scvl_threshold", threshold, "threshold")
+    check_hparam("scvl_max_pairs", max_pairs, "max_pairs")
     device = response_ids.device
     codes = group_codes(group_ids, B).to(device)
 
@@ -264,6 +266,33 @@ def pairs_from_lengths(
 def _pair_values(values: torch.Tensor, rows: torch.Tensor, diverge_index: torch.Tensor) -> torch.Tensor:
     """V[row, d + 1], (P,)."""
     return values[rows, diverge_index + 1]
+
+
+def _check_index(index: object, name: str) -> torch.Tensor:
+    index = check_tensor(index, name, ndim=1)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be an integer tensor, got {index.dtype}")
+    return index
+
+
+def _checked_pair_values(values: torch.Tensor, rows: object, diverge_index: object, rows_name: str) -> torch.Tensor:
+    """`_pair_values` with `rows` in [0, B) and `diverge_index` + 1 in [0, T) checked first (one read of 4 numbers:
+    a bad index would be a bare IndexError, or a device-side assert on a GPU), and the values used finite."""
+    rows, diverge_index = _check_index(rows, rows_name), _check_index(diverge_index, "diverge_index")
+    if rows.shape != diverge_index.shape:
+        raise ValueError(f"`{rows_name}` has shape {tuple(rows.shape)}, `diverge_index` {tuple(diverge_index.shape)}")
+    if rows.numel():
+        bounds = torch.stack([rows.min(), rows.max(), diverge_index.min(), diverge_index.max()]).tolist()
+        for (low, high), name, size, offset in (
+            (bounds[:2], rows_name, values.shape[0], 0),
+            (bounds[2:], "diverge_index", values.shape[1], 1),
+        ):
+            if low + offset < 0 or high + offset >= size:
+                shown = f"`{name}` + {offset}" if offset else f"`{name}`"
+                raise ValueError(f"{shown} holds entries in [{low + offset}, {high + offset}], outside [0, {size})")
+    picked = _pair_values(values, rows, diverge_index)
+    check_finite(picked, "values")
+    return picked
 
 
 def scvl_pair_values(values: torch.Tensor, pairs: SCVLPairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,11 +321,16 @@ def scvl_loss(
 
     Returns:
         A scalar tensor.
+
+    Raises:
+        TypeError, ValueError: naming the argument: a bad margin (the rule of `scvl_margin`), an index outside
+            `values`, NaN/inf among the values the pairs compare.
     """
     values = check_tensor(values, "values", ndim=2)
-    hinge = torch.relu(
-        margin - (_pair_values(values, pos_index, diverge_index) - _pair_values(values, neg_index, diverge_index))
-    )
+    check_hparam("scvl_margin", margin, "margin")
+    pos = _checked_pair_values(values, pos_index, diverge_index, "pos_index")
+    neg = _checked_pair_values(values, neg_index, diverge_index, "neg_index")
+    hinge = torch.relu(margin - (pos - neg))
     return hinge.sum() / max(hinge.numel(), 1)
 
 
@@ -329,11 +363,16 @@ def scvl_split_loss(
         A scalar tensor: the sum over the sides given, divided by `num_pairs` (0 without sides).
 
     Raises:
-        ValueError: `num_pairs` < 0.
+        TypeError, ValueError: naming the argument: a bad margin (the rule of `scvl_margin`) or `num_pairs` (< 0), an
+            index outside `values`, NaN/inf among the values compared.
     """
-    if num_pairs < 0:
-        raise ValueError(f"`num_pairs` must be >= 0, got {num_pairs}")
-    own = _pair_values(values, rows, diverge_index)
+    values = check_tensor(values, "values", ndim=2)
+    check_hparam("scvl_margin", margin, "margin")
+    num_pairs = check_argument("num_pairs", num_pairs)
+    own = _checked_pair_values(values, rows, diverge_index, "rows")
+    partner_values = check_tensor(partner_values, "partner_values", ndim=1)
+    check_same_shape(partner_values, "partner_values", own.shape, "rows")
+    check_finite(partner_values, "partner_values")
     partner = partner_values.to(own.dtype)
     gap = torch.where(is_positive, own - partner, partner - own)  # V_pos - V_neg
     return torch.relu(margin - gap).sum() / (num_pairs if num_pairs > 0 else 1.0)

@@ -19,6 +19,7 @@ import torch
 from ._blocks import map_row_blocks
 from ._checks import check_ids, check_mask, check_same_shape, check_tensor
 from ._compact import Compactor
+from ._hparams import check_hparam
 
 __all__ = ["boundary_table_from_tokenizer", "check_segment_args", "segment_ids"]
 
@@ -121,9 +122,9 @@ def check_segment_args(
     boundary_table = check_tensor(boundary_table, "boundary_table", ndim=1)
     if boundary_table.dtype != torch.bool:
         raise TypeError(f"`boundary_table` must be a bool tensor, got {boundary_table.dtype}")
-    for name, value in (("min_len", min_len), ("max_len", max_len), ("fallback_len", fallback_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    check_hparam("hvm_min_len", min_len, "min_len")
+    check_hparam("hvm_max_len", max_len, "max_len")
+    check_hparam("hvm_fallback_len", fallback_len, "fallback_len")
     if response_ids.numel() == 0 or not id_range:
         return response_ids, boundary_table
     low, high = (int(x) for x in torch.aminmax(response_ids))

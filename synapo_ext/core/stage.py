@@ -222,6 +222,9 @@ def compute_synapo_advantages(
     Raises:
         TypeError, ValueError: naming the argument (see the functions of each part).
     """
+    if not isinstance(params, SynAPOParams):
+        raise TypeError(f"`params` must be a SynAPOParams (e.g. params_from_preset(...)), got {type(params).__name__}")
+    params.validate()  # a field assigned after construction is checked here (scalars only)
     # validate the mask once, as bool (an int64 mask is 8x the bytes of a bool one), with each row's length
     response_mask = check_mask_type(response_mask)
     tensors = [x for x in (rewards, values, global_values) if isinstance(x, torch.Tensor)]

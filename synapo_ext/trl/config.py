@@ -11,7 +11,7 @@ from typing import Any
 from trl import GRPOConfig
 
 from ..core import PRESETS, SynAPOParams, params_from_preset
-from ..core._hparams import RULES, Rule, check_hparam, check_value
+from ..core._hparams import ARGUMENT_RULES, RULES, Rule, check_hparam, check_value
 from ._spelling import RENAMED_CONFIG_KEYWORDS, unknown_keyword_message
 from .tree import TreeRolloutFields
 from .trunk import TrunkCriticFields
@@ -53,7 +53,7 @@ FIELD_RULES = {
     "critic_learning_rate": Rule("float", 0.0, low_open=True),
     "critic_weight_decay": Rule("float", 0.0),
     "critic_max_grad_norm": Rule("float", 0.0, optional=True, why=" or None (0 or None: clipping off)"),
-    "cliprange_value": Rule("float", 0.0, low_open=True, optional=True, why=" or None (None: no value clipping)"),
+    "cliprange_value": ARGUMENT_RULES["cliprange_value"],  # the rule `value_loss` checks its argument by
     "critic_epochs": Rule("int", 1),
     "critic_mini_batch_size": Rule("int", 1, optional=True),
 }

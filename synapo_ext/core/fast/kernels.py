@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from ..ea_gae import ENTROPY_ROUNDING
+
 # Each kernel is compiled once, serial (`prange` runs as `range`). `SERIAL` calls it on the whole batch (small
 # batches: no thread wakes up, so nothing competes with torch's own threads in a training step); `PARALLEL` runs
 # it on blocks of rows in plain threads (the kernels release the GIL), as many as torch's intra-op threads.
@@ -257,7 +259,7 @@ def stage_hvm_rows(
     B, T = rewards.shape
     forward = min_len > 1 or max_len > 0 or write_seg
     for b in prange(B):
-        flags = _row_finite_flags(rewards, local_values, entropy, has_entropy, b)
+        flags = _row_finite_flags(rewards, local_values, entropy, has_entropy, mask, b)
         if not _row_finite(global_values, b):
             flags |= GLOBAL_VALUES
         if not _row_ids_in_table(ids, mask, b, table.shape[0]):
@@ -395,7 +397,7 @@ def stage_gae_rows(
     G_t = V_t + C_t with C_t = delta_t + gamma critic_lambda C_{t+1}."""
     B, T = rewards.shape
     for b in prange(B):
-        bad[b] = _row_finite_flags(rewards, values, entropy, has_entropy, b)  # as stage_hvm_rows
+        bad[b] = _row_finite_flags(rewards, values, entropy, has_entropy, mask, b)  # as stage_hvm_rows
         if bad[b]:
             continue
         n, entropy_sum, last, lam_row = _row_start(mask, entropy, has_entropy, b, lam_args, write_lam, lam_out)
@@ -459,14 +461,28 @@ def _row_finite(x, b):
     return s == 0.0
 
 
+@njit(cache=True, nogil=True, fastmath=_SUM_MATH)
+def _row_entropy_ok(x, mask, b):
+    """True iff row b of the entropy is finite and >= -ENTROPY_ROUNDING at its valid tokens (`ea_gae.check_entropy`
+    raises, naming it)."""
+    s = 0.0
+    low = 0.0
+    for t in range(x.shape[1]):
+        v = x[b, t]
+        s += v - v
+        if mask[b, t] and v < low:
+            low = v
+    return s == 0.0 and low >= -ENTROPY_ROUNDING
+
+
 @njit(cache=True, nogil=True)
-def _row_finite_flags(rewards, values, entropy, has_entropy, b):
+def _row_finite_flags(rewards, values, entropy, has_entropy, mask, b):
     flags = 0
     if not _row_finite(rewards, b):
         flags |= REWARDS
     if not _row_finite(values, b):
         flags |= VALUES
-    if has_entropy and not _row_finite(entropy, b):
+    if has_entropy and not _row_entropy_ok(entropy, mask, b):
         flags |= ENTROPY
     return flags
 
