@@ -229,3 +229,22 @@ def test_lora_critic_trains_saves_and_resumes(make_trainer, tmp_path):
     os.remove(checkpoint / "critic" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="incomplete"):
         resumed._load_optimizer_and_scheduler(str(checkpoint))
+
+
+@needs_peft
+def test_sharded_seeding_maps_a_lora_policy_to_its_base_weights(tokenizer):
+    # FSDP2 / ZeRO-3 seed the critic parameter by parameter (critic_weights.load_critic_from_policy): a PEFT policy's
+    # names (base_model.model.*, base_layer) map to the plain model's, adapters left out
+    from peft import get_peft_model
+
+    from synapo_ext.trl.critic_weights import _build as build_from_config
+    from synapo_ext.trl.critic_weights import critic_config, load_critic_from_policy
+
+    policy = make_policy(tokenizer)
+    base = {k: v.clone() for k, v in policy.state_dict().items()}
+    peft_policy = get_peft_model(policy, _lora())
+    torch.manual_seed(1)
+    critic = build_from_config(critic_config(policy.config, num_heads=1))
+    fresh = load_critic_from_policy(critic, peft_policy)
+    assert fresh == ["score.weight", "score.bias"], fresh
+    assert not _backbone_equal(critic, base)
