@@ -93,6 +93,7 @@ class SynAPOTrainer(
 
     _tag_names = ["trl", "synapo"]
     _name = "SynAPO"
+    _paper = {}  # no paper to cite (GRPOTrainer's is DeepSeekMath's); the model card says what SynAPO is instead
 
     def __init__(
         self,
