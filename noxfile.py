@@ -138,6 +138,14 @@ def slow(session: nox.Session) -> None:
 
 
 @nox.session
+def verl_slow(session: nox.Session) -> None:
+    """Opt-in (`nox -s verl_slow`): the `slow` tests of tests/verl (the other presets' real runs, and the real runs
+    over 2 data-parallel ranks, with token-based micro-batches)."""
+    _install(session, "verl,dev")
+    _pytest(session, "tests/verl", "-m", "slow", host="verl")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Opt-in: benchmarks/bench_advantages.py in the verl env (`nox -s bench -- --quick`)."""
     _install(session, "verl,fast,dev")

@@ -7,6 +7,7 @@ value model's eager attention, a tiny local model and dataset. Each run is a sub
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -138,3 +139,68 @@ def test_other_presets(assets, tmp_path, preset):
     expected += SCVL if params.scvl_enabled else ()
     expected += LM if params.positive_lm_coef > 0 else ()
     _present(step, expected)
+
+
+# token-based micro-batches for every model pass (verl asserts the log-prob passes use the same mode as the update);
+# 96 tokens hold 2-3 of this run's rows (prompt <= 32 + response <= 16), so each rank's 8 rows split
+DYNAMIC = tuple(
+    f"{prefix}{key}={value}"
+    for prefix in ("actor_rollout_ref.actor.", "critic.")
+    for key, value in (("use_dynamic_bsz", True), ("ppo_max_token_len_per_gpu", 96))
+) + (
+    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=96",
+    "actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True",
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=96",
+    "critic.forward_max_token_len_per_gpu=96",
+)
+
+
+def _jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cross_rank_pairs(dump: str) -> tuple[int, int]:
+    """(SCVL pairs whose two rows the critic trained on different ranks, pairs whose rows were located), from the
+    advantage step's pairs and the critic ranks' rows (support.py); rows are known by their response tokens, and a
+    response that occurs twice is left out."""
+    seen: dict[tuple, list[int]] = {}
+    for record in _jsonl(os.path.join(dump, "critic_rows.jsonl")):
+        for row in record["rows"]:
+            seen.setdefault(tuple(row), []).append(record["rank"])
+    rank = {row: ranks[0] for row, ranks in seen.items() if len(ranks) == 1}
+    located = cross = 0
+    for record in _jsonl(os.path.join(dump, "scvl_pairs.jsonl")):
+        for pos, neg in record["pairs"]:
+            pos, neg = tuple(pos), tuple(neg)
+            if pos in rank and neg in rank:
+                located += 1
+                cross += rank[pos] != rank[neg]
+    return cross, located
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset,dynamic", [("synapo", False), ("synapo-no-hvm", True)], ids=["synapo", "synapo-no-hvm-dynamic-bsz"]
+)
+def test_two_ranks(assets, tmp_path, preset, dynamic):
+    """Actor and critic as FSDP2 over 2 gloo ranks (`trainer.n_gpus_per_node=2`), one rollout replica per rank;
+    `synapo-no-hvm` also with token-based micro-batches. Every part's metric is there and finite, and the critic
+    trained on SCVL pairs whose two rows were on different ranks. (That the terms and gradients equal 1 rank's on a
+    fixed batch is tests/verl/test_data_parallel.py.)"""
+    from synapo_ext.core import params_from_preset
+
+    dump = str(tmp_path / "dump")
+    extra = [*SYNAPO, f"+algorithm.synapo.preset={preset}", "+algorithm.synapo.value_warmup_steps=0"]
+    result = run("synapo", [*extra, *(DYNAMIC if dynamic else ())], assets=assets, root=str(tmp_path), dump=dump,
+                 ranks=2)  # fmt: skip
+    _ok(result)
+    assert "'n_gpus_per_node': 2" in result.log
+    step = result.steps[1]
+    expected = STEP_METRICS + EA_GAE + SCVL + LM + (HVM if params_from_preset(preset).hvm_enabled else ())
+    _present(step, expected)
+    assert step[METRICS.scvl_pairs] > 0
+    cross, located = cross_rank_pairs(dump)
+    assert located > 0, "no SCVL pair's rows were found among the critic ranks' rows"
+    assert cross > 0, f"all {located} located SCVL pairs had both rows on one rank"

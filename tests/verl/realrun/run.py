@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[3]
 ASSETS = Path(__file__).with_name("assets.py")
 
 
-def overrides(assets: dict[str, str], estimator: str, out_dir: str) -> list[str]:
-    """verl's command line for a CPU run: 1 process per role, tiny batches, the `hfcpu` test rollout."""
+def overrides(assets: dict[str, str], estimator: str, out_dir: str, ranks: int = 1) -> list[str]:
+    """verl's command line for a CPU run: `ranks` processes (gloo ranks) for the actor and the critic each, tiny
+    batches, the `hfcpu` test rollout (one replica per rank)."""
     model = assets["model"]
     return [
         f"algorithm.adv_estimator={estimator}",
@@ -63,8 +64,8 @@ def overrides(assets: dict[str, str], estimator: str, out_dir: str) -> list[str]
         "reward.custom_reward_function.name=compute_score",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "ray_kwargs.ray_init.num_cpus=16",
-        "+ray_kwargs.ray_init.num_gpus=1",
-        "trainer.n_gpus_per_node=1",
+        f"+ray_kwargs.ray_init.num_gpus={ranks}",
+        f"trainer.n_gpus_per_node={ranks}",
         "trainer.nnodes=1",
         "trainer.total_training_steps=1",
         "trainer.val_before_train=False",
@@ -136,17 +137,19 @@ def run(
     dump: str | None = None,
     timeout: float = 600,
     fake_version: str | None = None,
+    ranks: int = 1,
 ) -> Run:
     """One stock verl run as a subprocess; `extra` hydra overrides win over the defaults above.
 
-    `assets`: from `build_assets` (built under `root` if None); `dump`: SYNAPO_TEST_DUMP (engine weights at every
+    `ranks`: data-parallel ranks of the actor and the critic (`trainer.n_gpus_per_node`); `assets`: from
+    `build_assets` (built under `root` if None); `dump`: SYNAPO_TEST_DUMP (engine weights at every
     checkpoint save and load, see support.py); `fake_version`: verl reports this version in every process
     (`fake_version.py`).
     """
     root = root or tempfile.mkdtemp(prefix="synapo_verl_run_")
     os.makedirs(root, exist_ok=True)
     assets = assets or build_assets(os.path.join(root, "assets"))
-    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides(assets, estimator, root), *extra]
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides(assets, estimator, root, ranks), *extra]
     environ = env()
     # Ray refuses a temp dir inside a virtualenv (nox points TMPDIR into the session's venv) and its workers then die
     # at start while the driver waits forever; a short path also keeps Ray's unix sockets under the 107-byte limit
@@ -181,7 +184,8 @@ def finite(value: float) -> bool:
 
 
 if __name__ == "__main__":
-    result = run(sys.argv[1], sys.argv[2:])
+    ranks = int(os.environ.get("SYNAPO_TEST_RANKS", "1"))
+    result = run(sys.argv[1], sys.argv[2:], ranks=ranks, dump=os.environ.get("SYNAPO_TEST_DUMP"))
     lines = [result.log, f"rc={result.rc} seconds={result.seconds:.1f}"]
     for step, metrics in sorted(result.steps.items()):
         lines.append(

@@ -146,6 +146,67 @@ def _dump_engine_state(transformer_impl) -> None:
     cls.save_checkpoint, cls.load_checkpoint = save_checkpoint, load_checkpoint
 
 
+def _row_ids(responses: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each row's valid response tokens: the row's identity across processes (a random policy's 16-token answers
+    do not repeat; the test drops any that does)."""
+    if responses.is_nested:
+        responses = responses.to_padded_tensor(0)
+    if mask.is_nested:
+        mask = mask.to_padded_tensor(0)
+    width = min(responses.shape[1], mask.shape[1])
+    return [tuple(r[:width][m[:width] > 0].tolist()) for r, m in zip(responses, mask, strict=True)]
+
+
+def _dump_rows(path: str, record: dict) -> None:
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _record_scvl_pairs(trainer_mod) -> None:
+    """With SYNAPO_TEST_DUMP=<dir>, the advantage step appends its SCVL pairs (the two rows' identities) to
+    <dir>/scvl_pairs.jsonl."""
+    import os
+
+    root = os.environ.get("SYNAPO_TEST_DUMP")
+    if not root:
+        return
+    original = trainer_mod.row_fields
+
+    def row_fields(ctx, params):
+        scvl = ctx.result.scvl
+        if scvl is not None and scvl.pos_index.numel():
+            ids = _row_ids(ctx.extras["responses"], ctx.response_mask)
+            pairs = [[ids[p], ids[n]] for p, n in zip(scvl.pos_index.tolist(), scvl.neg_index.tolist(), strict=True)]
+            _dump_rows(os.path.join(root, "scvl_pairs.jsonl"), {"pairs": pairs})
+        return original(ctx, params)
+
+    trainer_mod.row_fields = row_fields
+
+
+def _record_critic_rows(transformer_impl) -> None:
+    """With SYNAPO_TEST_DUMP=<dir>, every critic rank appends the identities of the rows it trains on to
+    <dir>/critic_rows.jsonl."""
+    import os
+
+    root = os.environ.get("SYNAPO_TEST_DUMP")
+    if not root:
+        return
+    cls = transformer_impl.FSDPEngine
+    original = cls.forward_backward_batch
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        critic = isinstance(self, transformer_impl.FSDPEngineWithValueHead)
+        if critic and not forward_only and "synapo_scvl_sign" in data.keys():
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            ids = _row_ids(data["responses"], data["response_mask"])
+            _dump_rows(os.path.join(root, "critic_rows.jsonl"), {"rank": rank, "rows": ids})
+        return original(self, data, loss_function, forward_only=forward_only)
+
+    cls.forward_backward_batch = forward_backward_batch
+
+
 def _install() -> None:
     from verl.utils import model as verl_model
 
@@ -153,6 +214,8 @@ def _install() -> None:
 
     when_imported("verl.workers.engine_workers", _gloo_process_group)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _dump_engine_state)
+    when_imported("verl.workers.engine.fsdp.transformer_impl", _record_critic_rows)
+    when_imported("synapo_ext.verl.trainer", _record_scvl_pairs)
     from verl.workers.rollout import base
     from verl.workers.rollout.base import BaseRollout
     from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry
