@@ -5,6 +5,7 @@ the plugin: the plugin never changes how verl picks its device."""
 from __future__ import annotations
 
 import contextlib
+import os
 from types import ModuleType
 
 import torch
@@ -50,7 +51,7 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check=False) -> bool:
-        return True
+        return os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu"  # never auto-detected over a GPU
 
     def current_device(self):
         return "cpu"  # used as `.to(get_device_id())`

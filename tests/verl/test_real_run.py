@@ -58,11 +58,15 @@ def test_gae_control(assets, tmp_path):
     assert not [k for k in result.steps[1] if "synapo" in k or k.startswith("ea_gae")]
 
 
+PACKED = ("actor_rollout_ref.model.use_remove_padding=True", "critic.model.use_remove_padding=True")
+
+
 def test_synapo_no_hvm(assets, tmp_path):
     """Row fields reach the critic in TransferQueue's nested layout (this preset crashed on them); the value warm-up's
     stopping rule ends a 50-step warm-up at step 1 (a target explained variance every critic meets). verl reports
-    a version the patch table was not tested with (0.9.2, every process): the run goes on, with one WARNING."""
-    preset = ["+algorithm.synapo.preset=synapo-no-hvm", "+algorithm.synapo.value_warmup_steps=50"]
+    a version the patch table was not tested with (0.9.2, every process): the run goes on, with one WARNING. Packed
+    sequences (`use_remove_padding=True`, as verl users run), for actor and critic."""
+    preset = ["+algorithm.synapo.preset=synapo-no-hvm", "+algorithm.synapo.value_warmup_steps=50", *PACKED]
     rule = ["+algorithm.synapo.value_warmup_target_ev=-1e9", "+algorithm.synapo.value_warmup_window=1"]
     result = run("synapo", [*SYNAPO, *preset, *rule], assets=assets, root=str(tmp_path), fake_version="0.9.2")
     _ok(result)

@@ -78,19 +78,18 @@ def overrides(assets: dict[str, str], estimator: str, out_dir: str, ranks: int =
     ]
 
 
-def env() -> dict[str, str]:
-    """The environment of the run: the `cpu` platform and the test support module in every verl process."""
+def env(device: str = "cpu") -> dict[str, str]:
+    """The environment of the run: the test support module in every verl process, and on `device="cpu"` the `cpu`
+    platform (on "cuda" verl picks its own platform and engines)."""
     out = dict(os.environ)
+    if device == "cpu":
+        out.update(VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE="cuda", VERL_ENGINE_VENDOR="nvidia", OMP_NUM_THREADS="1")
     out.update(
-        VERL_PLATFORM="cpu",
-        VERL_ENGINE_DEVICE="cuda",
-        VERL_ENGINE_VENDOR="nvidia",
         VERL_USE_EXTERNAL_MODULES="tests.verl.realrun.support",
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), out.get("PYTHONPATH", "")) if p),
         TOKENIZERS_PARALLELISM="false",
         RAY_DEDUP_LOGS="0",
         HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
     )
     return out
 
@@ -138,19 +137,20 @@ def run(
     timeout: float = 600,
     fake_version: str | None = None,
     ranks: int = 1,
+    device: str = "cpu",
 ) -> Run:
     """One stock verl run as a subprocess; `extra` hydra overrides win over the defaults above.
 
-    `ranks`: data-parallel ranks of the actor and the critic (`trainer.n_gpus_per_node`); `assets`: from
-    `build_assets` (built under `root` if None); `dump`: SYNAPO_TEST_DUMP (engine weights at every
-    checkpoint save and load, see support.py); `fake_version`: verl reports this version in every process
-    (`fake_version.py`).
+    `device`: "cpu" (the test platform) or "cuda" (verl's own); `ranks`: data-parallel ranks of the actor and the
+    critic (`trainer.n_gpus_per_node`); `assets`: from `build_assets` (built under `root` if None); `dump`:
+    SYNAPO_TEST_DUMP (engine weights at every checkpoint save and load, SCVL pairs and critic rows, see support.py);
+    `fake_version`: verl reports this version in every process (`fake_version.py`).
     """
     root = root or tempfile.mkdtemp(prefix="synapo_verl_run_")
     os.makedirs(root, exist_ok=True)
     assets = assets or build_assets(os.path.join(root, "assets"))
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides(assets, estimator, root, ranks), *extra]
-    environ = env()
+    environ = env(device)
     # Ray refuses a temp dir inside a virtualenv (nox points TMPDIR into the session's venv) and its workers then die
     # at start while the driver waits forever; a short path also keeps Ray's unix sockets under the 107-byte limit
     environ["RAY_TMPDIR"] = environ["TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")

@@ -14,6 +14,7 @@ never changes how verl picks its device or rollout. What it adds (see the blocke
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -212,7 +213,8 @@ def _install() -> None:
 
     from synapo_ext.patches._hooks import when_imported
 
-    when_imported("verl.workers.engine_workers", _gloo_process_group)
+    if os.environ.get("VERL_PLATFORM") == "cpu":  # on a GPU, verl's own NCCL process group
+        when_imported("verl.workers.engine_workers", _gloo_process_group)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _dump_engine_state)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _record_critic_rows)
     when_imported("synapo_ext.verl.trainer", _record_scvl_pairs)
