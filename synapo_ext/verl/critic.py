@@ -76,6 +76,10 @@ def synapo_value_loss(config: Any, model_output: dict, data: Any, dp_group: Any 
         raise ValueError(
             f"synapo: critic.loss_agg_mode must be 'token-mean' for a SynAPO critic, got {config.loss_agg_mode!r}"
         )
+    if params.hvm_enabled:  # every part's row fields arrived, before anything reads the batch
+        _require(data, (GLOBAL_VALUES, *HVM_FIELDS), "HVM")
+    if params.scvl_enabled:
+        _require(data, SCVL_FIELDS, "SCVL")
     # float32 (bs, response_length): the terms are computed in float32 whatever the critic's dtype (as verl's
     # value loss is, whose float32 returns promote its bf16 predictions)
     vpreds = no_padding_2_padding(model_output["values"], data).float()
