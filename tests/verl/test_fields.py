@@ -35,7 +35,9 @@ def test_missing_fields_fail_loudly(monkeypatch, preset, part):
     """A SynAPO critic whose row fields did not arrive raises; it never trains without the term."""
     monkeypatch.setattr("verl.workers.utils.losses.value_loss", lambda *a, **k: (torch.zeros(()), {}))
     hf_config = SimpleNamespace(**{HF_CONFIG_KEY: params_to_json(params_from_preset(preset))})
-    config = SimpleNamespace(model=SimpleNamespace(hf_config=hf_config), cliprange_value=0.5, loss_agg_mode="token-mean")
+    config = SimpleNamespace(
+        model=SimpleNamespace(hf_config=hf_config), cliprange_value=0.5, loss_agg_mode="token-mean"
+    )
     data = TensorDict({"response_mask": torch.ones(2, 3)}, batch_size=[2])
     with pytest.raises(RuntimeError, match=f"{part} is on but the critic's mini-batch has no"):
         critic.synapo_value_loss(config, {"values": torch.zeros(2, 3)}, data)
