@@ -25,7 +25,7 @@ TRUNK_METHODS = ["vapo-trunk", "synapo-trunk", "synapo-trunk-grad"]
 EXTRA_METHODS = ["vapo-lambda1", *ORACLE_METHODS, "tree", "synapo-tree", "tree-outcome", *TRUNK_METHODS]
 # the checked task's full run (issue 13): the chain table's 9 methods and the oracle arm, the main comparison first
 # the hard task (issue 20): the baselines, then the arms that can pay at equal generated tokens
-HARD_METHODS = ["grpo", "synapo", "vapo", "tree", "synapo-tree", "tree-outcome"]
+HARD_METHODS = ["grpo", "synapo", "vapo", "tree", "synapo-tree", "tree-outcome", "synapo-trunk", "vapo-trunk"]
 CHECKED_METHODS = ["grpo", "vapo", "synapo", *ORACLE_METHODS, "ppo", "synapo-no-hvm", "synapo-no-scvl",
                    "synapo-no-eagae", "synapo-beta-neg", "vapo-lambda1"]  # fmt: skip
 
