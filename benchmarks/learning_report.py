@@ -244,13 +244,9 @@ def write_report(a, key: str, header: list[str]) -> str:
                 tokens_to = f"{mega(sum(hit_t) / len(hit_t))} ({len(hit_t)}/{len(rs)})" if hit_t else "never"
             cells = []
             for ref in ("grpo", "synapo"):
-                if ref == m or ref not in finals:
-                    cells.append("")
-                    continue
-                d, half = welch_diff(finals[m], finals[ref])
-                inside = math.isnan(half) or abs(d) <= half
-                cells.append(fmt(d, half) + (" (noise)" if inside else ""))
-                if ref == "grpo" or m != "grpo":
+                cell, inside = versus(finals, m, ref)
+                cells.append(cell)
+                if inside is not None and (ref == "grpo" or m != "grpo"):
                     noise.append((m, ref, inside))
             wall = sum(r["wall_s"] for r in rs) / len(rs) / 60
             lines.append(
@@ -304,6 +300,16 @@ def write_report(a, key: str, header: list[str]) -> str:
     return path
 
 
+def versus(values: dict[str, list[float]], m: str, ref: str) -> tuple[str, bool | None]:
+    """(cell, inside the noise) of method m against ref: Welch's difference of their values over seeds; ("", None)
+    for m itself or a method with no runs."""
+    if ref == m or ref not in values:
+        return "", None
+    d, half = welch_diff(values[m], values[ref])
+    inside = math.isnan(half) or abs(d) <= half
+    return fmt(d, half) + (" (noise)" if inside else ""), inside
+
+
 def equal_tokens_table(runs: dict[str, list[dict]], order: list[str]) -> list[str]:
     """The headline: greedy accuracy of every method at the same number of generated tokens (the largest count
     every run reached), with Welch intervals against grpo and synapo."""
@@ -321,13 +327,7 @@ def equal_tokens_table(runs: dict[str, list[dict]], order: list[str]) -> list[st
         "|---|---|---|---|---|",
     ]
     for m in order:
-        cells = []
-        for ref in ("grpo", "synapo"):
-            if ref == m or ref not in at:
-                cells.append("")
-                continue
-            d, half = welch_diff(at[m], at[ref])
-            cells.append(fmt(d, half) + (" (noise)" if math.isnan(half) or abs(d) <= half else ""))
+        cells = [versus(at, m, ref)[0] for ref in ("grpo", "synapo")]
         lines.append(f"| {m} | {len(at[m])} | {fmt(*mean_ci(at[m]))} | {cells[0]} | {cells[1]} |")
     return lines
 

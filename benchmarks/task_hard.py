@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import task_checked
 from task_checked import (  # noqa: F401  (re-exported: the task interface)
     DELIMITER,
     accuracy,
@@ -44,23 +45,13 @@ NAME = "hard"
 
 
 @dataclass(frozen=True)
-class TaskConfig:
-    """The task and its warm start (every field enters the cache key)."""
+class TaskConfig(task_checked.TaskConfig):
+    """The checked task's config with this task's misconceptions and draws (every field enters the cache key)."""
 
     name: str = NAME
     misconceptions: tuple[str, ...] = ("*7>*3", "-8>+8", "+9>-9", "+6>+4", "-3>+3", "*9>*1")
-    num_steps: int = 12  # operations per chain (answer steps)
     risky_probs: tuple[float, ...] = (0.1, 0.25, 0.3, 0.2, 0.15)  # P(0, 1, 2, 3, 4 risky operations in a prompt)
-    noise: float = 0.01  # warm-start traces: probability that a safe step is a random wrong digit
     bug_rate: float = 0.8  # warm-start traces: probability that a risky step is done the misconceived way
-    num_eval: int = 500  # held-out prompts (never trained on)
-    data_seed: int = 1234  # seed of the held-out set
-    # warm-start model and its supervised training
-    hidden_size: int = 64
-    num_layers: int = 2
-    sft_steps: int = 3000
-    sft_batch: int = 64
-    sft_lr: float = 1e-3
 
 
 def true_features(prompts: list[str], tokens: list[list[str]]):

@@ -146,17 +146,8 @@ def test_critic_probe_end_to_end(tmp_path):
     ],
 )
 def test_method_variants_reach_the_trainer(tmp_path, method, expected):
-    import learning
-    import learning_run
 
-    a = learning.parse_args(["--quick", "--samples", "64", "--out", str(tmp_path)])
-    cfg = task_chain.TaskConfig(sft_steps=a.sft_steps)
-    tokenizer = task_chain.make_tokenizer()
-    model = task_chain.make_model(tokenizer, cfg, seed=0)
-    dataset = task_chain.rl_dataset(cfg, n=16, seed=0)
-    trainer = learning_run.build_trainer(
-        a, method, 0, model, tokenizer, lambda completions, **kw: [0.0] * len(completions), dataset, str(tmp_path)
-    )
+    a, trainer = _bench_trainer(["--quick", "--samples", "64", "--out", str(tmp_path)], method, tmp_path)
     assert {
         k: getattr(trainer.synapo if hasattr(trainer.synapo, k) else trainer.args, k) for k in expected
     } == expected
@@ -205,20 +196,27 @@ def test_hard_task_defaults_equal_compute():
                                                          ("synapo-trunk-grad", "synapo", 0.1)])  # fmt: skip
 def test_trunk_methods_reach_the_trainer(tmp_path, method, preset, scale):
     """Shared-trunk methods: heads on the policy, pre-trained by the trainer's warm-up (not value_pretrain.py)."""
-    import learning
     import learning_run
 
     from synapo_ext.trl.trunk import TrunkCritic
 
-    a = learning.parse_args(["--task", "checked", "--quick", "--samples", "64", "--out", str(tmp_path)])
-    cfg = task_chain.TaskConfig(sft_steps=a.sft_steps)
-    tokenizer = task_chain.make_tokenizer()
-    model = task_chain.make_model(tokenizer, cfg, seed=0)
-    dataset = task_chain.rl_dataset(cfg, n=16, seed=0)
-    trainer = learning_run.build_trainer(
-        a, method, 0, model, tokenizer, lambda completions, **kw: [0.0] * len(completions), dataset, str(tmp_path)
-    )
+    argv = ["--task", "checked", "--quick", "--samples", "64", "--out", str(tmp_path)]
+    a, trainer = _bench_trainer(argv, method, tmp_path)
     assert not learning_run.uses_pretrain(a, method) and learning_run.uses_pretrain(a, preset)
     assert isinstance(trainer.critic, TrunkCritic) and trainer.args.critic_trunk_grad_scale == scale
     assert trainer.synapo.value_warmup_steps == a.trunk_warmup_steps
     assert trainer.synapo.hvm_enabled == (preset == "synapo") and trainer.args.critic_epochs == a.trunk_critic_epochs
+
+
+def _bench_trainer(argv: list[str], method: str, tmp_path):
+    """(args, trainer) of `method` as learning_run builds it, on the chain task's tiny warm-start model."""
+    import learning
+    import learning_run
+
+    a = learning.parse_args(argv)
+    cfg = task_chain.TaskConfig(sft_steps=a.sft_steps)
+    tokenizer = task_chain.make_tokenizer()
+    model = task_chain.make_model(tokenizer, cfg, seed=0)
+    dataset = task_chain.rl_dataset(cfg, n=16, seed=0)
+    reward = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
+    return a, learning_run.build_trainer(a, method, 0, model, tokenizer, reward, dataset, str(tmp_path))
