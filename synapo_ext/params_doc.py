@@ -15,6 +15,7 @@ import sys
 
 from .core import PRESETS, SynAPOParams
 from .core._hparams import RULES, Rule
+from .core.config import PRESET_FIELDS
 from .verl.keys import TO_VERL_TEXT, TOKEN_MEAN, VERL_KEYS
 
 __all__ = ["TRL_NOTES", "markdown"]
@@ -26,16 +27,8 @@ TRL_NOTES = {
     "clip_ratio_low": "TRL's `epsilon` (the field follows it)",
     "clip_ratio_high": "TRL's `epsilon_high` (default: the preset's value)",
 }
-# SynAPOConfig fields that default to None: "the preset's value" (trl/config.py's PRESET_FIELDS)
-TRL_PRESET_FIELDS = (
-    "length_adaptive_lambda",
-    "critic_lambda",
-    "ea_gae_enabled",
-    "hvm_enabled",
-    "scvl_enabled",
-    "value_warmup_steps",
-    "positive_lm_coef",
-)
+# SynAPOConfig fields that default to None: "the preset's value"
+TRL_PRESET_FIELDS = PRESET_FIELDS
 
 
 def _value(value) -> str:

@@ -174,6 +174,18 @@ _PPO = {
     "positive_lm_coef": 0.0,
 }
 _VAPO = {"ea_gae_enabled": False, "hvm_enabled": False, "scvl_enabled": False}
+# Fields a preset sets that a host's config may leave as None, "the preset's value" (the TRL config's; clip_ratio_*
+# follow TRL's epsilon_* there)
+PRESET_FIELDS = (
+    "length_adaptive_lambda",
+    "critic_lambda",
+    "ea_gae_enabled",
+    "hvm_enabled",
+    "scvl_enabled",
+    "value_warmup_steps",
+    "positive_lm_coef",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "ppo": _PPO,
     "vapo": _VAPO,

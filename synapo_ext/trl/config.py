@@ -12,22 +12,12 @@ from trl import GRPOConfig
 
 from ..core import PRESETS, SynAPOParams, params_from_preset
 from ..core._hparams import ARGUMENT_RULES, RULES, Rule, check_hparam, check_value
+from ..core.config import PRESET_FIELDS
 from ._spelling import RENAMED_CONFIG_KEYWORDS, unknown_keyword_message
 from .tree import TreeRolloutFields
 from .trunk import TrunkCriticFields
 
 __all__ = ["CRITIC_SCHEDULERS", "PRESET_FIELDS", "SynAPOConfig"]
-
-# Fields a preset sets: `None` here means "take the preset's value" (clip_ratio_* map to TRL's epsilon_*).
-PRESET_FIELDS = (
-    "length_adaptive_lambda",
-    "critic_lambda",
-    "ea_gae_enabled",
-    "hvm_enabled",
-    "scvl_enabled",
-    "value_warmup_steps",
-    "positive_lm_coef",
-)
 
 
 # `transformers.get_scheduler` names the critic can use: each steps without a metric and needs no extra kwargs.
