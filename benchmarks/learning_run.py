@@ -217,7 +217,8 @@ def build_trainer(a, method: str, seed: int, model, tokenizer, reward_fn, datase
     }
     preset, extra = variants.get(method, (method, {}))
     warmup = None if preset == "ppo" else a.value_warmup_steps  # None: the preset's (PPO: 0)
-    if method.endswith("-oracle") or method in ("tree", "tree-outcome") or uses_pretrain(a, method):
+    tree_values_only = extra.get("rollout_tree_local_weight") == 0.0  # the critic feeds no advantage
+    if method.endswith("-oracle") or tree_values_only or uses_pretrain(a, method):
         warmup = 0  # Monte-Carlo values need no warm-up; a pre-trained critic had its own
     critic_settings = dict(critic_learning_rate=a.critic_learning_rate, critic_epochs=a.critic_epochs,
                            value_warmup_steps=warmup)  # fmt: skip
