@@ -138,6 +138,32 @@ def credit_shares(runs: list[dict], tokens_per_step: int = 8) -> tuple[float, fl
     return sum(early) / len(early), (sum(on_step) / len(on_step) if on_step else float("nan"))
 
 
+def own_blame_table(runs: dict[str, list[dict]], order: list[str]) -> list[str]:
+    """Blame on the first wrong step on each arm's own final rollouts (learning_run.own_blame), mean over seeds."""
+    rows = []
+    for m in order:
+        measured = [r["own_blame"] for r in runs[m] if r.get("own_blame") and r["own_blame"]["measured"]]
+        if measured:
+            share, even = mean_ci([b["share"] for b in measured]), mean_ci([b["even"] for b in measured])
+            wrong = sum(b["measured"] for b in measured) / len(measured)
+            rows.append(f"| {m} | {len(measured)} | {wrong:.0f} | {fmt(*share, scale=1, digits=2)} | "
+                        f"{fmt(*even, scale=1, digits=2)} |")  # fmt: skip
+    if not rows:
+        return []
+    prompts = next(r["own_blame"]["responses"] for m in order for r in runs[m] if r.get("own_blame"))
+    return [
+        "",
+        "**Blame on the arm's own rollouts** (after training: the final policy answers the first held-out prompts "
+        f"through the trainer's own rollout path, {prompts} answers a run, trees for a tree arm; the trainer's own "
+        "advantages, not whitened): of each wrong answer's negative advantage, the share on its first wrong step's "
+        "tokens; 'even' is that step's share of the answer's tokens (GRPO's one advantage a row lands there).",
+        "",
+        "| method | runs | wrong answers a run | blame on the first wrong step | even spread |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def load_runs(out: str, key: str) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
@@ -277,6 +303,7 @@ def write_report(a, key: str, header: list[str]) -> str:
                 "|---|---|---|",
                 *[f"| {m} | {early:.2f} | {step:.2f} |" for m, (early, step) in credit_rows],
             ]
+        lines += own_blame_table(runs, order)
         lines += [
             "",
             f"**Noise.** One evaluation of {n_eval} prompts has a binomial standard error of about "

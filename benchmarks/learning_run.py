@@ -137,6 +137,61 @@ def credit(trainer, tokenizer, items: list[dict]) -> list[dict]:
     ]
 
 
+def blame_on_step(
+    advantages: torch.Tensor, mask: torch.Tensor, step: torch.Tensor, k: int
+) -> tuple[float, float] | None:
+    """One answer, (T,) each: (share of sum_t max(-A_t, 0) on the tokens of step k, step k's share of the answer's
+    tokens); None when no token has a negative advantage (nothing to place)."""
+    blame = (-advantages).clamp(min=0) * mask
+    on_step = mask.bool() & (step == k)
+    if blame.sum() <= 0:
+        return None
+    return float(blame[on_step].sum() / blame.sum()), float(on_step.sum() / mask.sum())
+
+
+def own_blame(trainer, tokenizer, task, prompts: list[str], num_generations: int) -> dict:
+    """Blame on the first wrong step, measured on the arm's own rollouts: the final policy answers `prompts` through
+    the trainer's own rollout path (trees for a tree arm) and the trainer's own advantages (not whitened: a shift
+    would move the sign) are read off TRL's output. For each wrong answer with a first wrong step k: the share of
+    its negative advantage sum_t max(-A_t, 0) that sits on step k's tokens (the step's text and its delimiter).
+    Even spread: step k's share of the answer's tokens; GRPO's advantage is one number a row, so it sits there.
+    The call runs the trainer's whole rollout stage (its critic takes its step on these rollouts: the run is over)."""
+    delimiter = tokenizer.convert_tokens_to_ids(DELIMITER)
+    params = getattr(trainer, "synapo", None)
+    if params is not None:
+        trainer.synapo = dataclasses.replace(params, whiten_advantages=False)
+    trainer.model.train()  # the training rollout path (trees grow in train mode only)
+    shares, even, wrong, total = [], [], 0, 0
+    try:
+        per_call = trainer.args.per_device_train_batch_size // num_generations
+        for i in range(0, len(prompts), per_call):
+            batch = [{"prompt": p} for p in prompts[i : i + per_call] for _ in range(num_generations)]
+            out = trainer._generate_and_score_completions(batch)
+            ids, mask = out["completion_ids"].cpu(), out["completion_mask"].cpu().bool()
+            advantages = out["advantages"].cpu().float()
+            if advantages.dim() == 1:  # GRPO: one advantage a row
+                advantages = advantages[:, None].expand_as(mask)
+            step = torch.cumsum((ids == delimiter).long(), dim=1) - (ids == delimiter).long()  # delimiters before t
+            for b, row in enumerate(batch):
+                total += 1
+                text = tokenizer.decode(ids[b][mask[b]], skip_special_tokens=True)
+                ended = bool(mask[b].any()) and int(ids[b][mask[b]][-1]) == tokenizer.eos_token_id
+                k = task.first_wrong_step(row["prompt"], text)
+                if task.score(row["prompt"], text, ended) > 0 or k is None:
+                    continue
+                wrong += 1
+                measured = blame_on_step(advantages[b], mask[b], step[b], k)
+                if measured is not None:
+                    shares.append(measured[0])
+                    even.append(measured[1])
+    finally:
+        if params is not None:
+            trainer.synapo = params
+    share = sum(shares) / len(shares) if shares else float("nan")
+    spread = sum(even) / len(even) if even else float("nan")
+    return {"responses": total, "wrong": wrong, "measured": len(shares), "share": share, "even": spread}
+
+
 # --- one run ---------------------------------------------------------------------------------------------------------
 
 
@@ -437,6 +492,8 @@ def run_one(a, method: str, seed: int) -> dict:
         if not method.endswith("-oracle")
         else {"k": a.oracle_k, "continuations": trainer.critic.generated, "prefixes": trainer.critic.estimated},
     }
+    if a.blame_prompts and not method.endswith("-oracle"):  # after the counts: these rollouts are not training
+        result["own_blame"] = own_blame(trainer, tokenizer, task, eval_prompts[: a.blame_prompts], a.num_generations)
     out = run_path(a, method, seed)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".tmp", "w") as f:

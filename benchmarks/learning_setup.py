@@ -62,6 +62,9 @@ class Args:
     """held-out prompts evaluated greedily (the main metric)"""
     final_t1_samples: int = 2
     """at the end, also sample each held-out prompt this many times at temperature 1 (pass@1 at T=1)"""
+    blame_prompts: int = 64
+    """at the end, held-out prompts whose rollouts (the arm's own: trees for a tree arm) measure the blame on a wrong
+    answer's first wrong step with the arm's own advantages (0: off; not part of the setup key)"""
     threshold: float = 0.8
     """accuracy for "samples needed to reach it" (greedy, held-out, interpolated between evaluations)"""
     num_generations: int = 8
@@ -184,6 +187,7 @@ def setup_key(a: Args) -> str:
         "cache_dir",
         "child",
         "threshold",
+        "blame_prompts",
     }
     default = Args()
     blob = {k: v for k, v in asdict(a).items() if k not in skip}

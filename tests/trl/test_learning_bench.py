@@ -68,6 +68,7 @@ def test_quick_end_to_end_and_resume(tmp_path, capfd):
             run = json.load(f)
         assert run["samples"] >= 64 and [p["samples"] for p in run["curve"]][0] == 0
         assert f"[{method} s0] done" in out
+        assert run["own_blame"]["responses"] == 16 * 8  # the held-out prompts' answers through the trainer
     assert "| grpo | 1 |" in (tmp_path / "out" / "learning.md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "out" / "learning_curves.png").stat().st_size > 0
@@ -220,3 +221,28 @@ def _bench_trainer(argv: list[str], method: str, tmp_path):
     dataset = task_chain.rl_dataset(cfg, n=16, seed=0)
     reward = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
     return a, learning_run.build_trainer(a, method, 0, model, tokenizer, reward, dataset, str(tmp_path))
+
+
+def test_blame_on_step_against_a_loop():
+    """The share of a wrong answer's negative advantage on its first wrong step, against a plain loop; a uniform
+    advantage (GRPO's) puts exactly the step's share of the tokens there."""
+    import learning_run
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        T = int(torch.randint(5, 40, (1,), generator=gen))
+        advantages = torch.randn(T, generator=gen, dtype=torch.float64)
+        mask = (torch.rand(T, generator=gen) < 0.9).double()
+        step = torch.sort(torch.randint(0, 4, (T,), generator=gen)).values
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        negative = [max(-float(advantages[t]), 0.0) * float(mask[t]) for t in range(T)]
+        got = learning_run.blame_on_step(advantages, mask, step, k)
+        if sum(negative) == 0:
+            assert got is None
+            continue
+        on = sum(negative[t] for t in range(T) if int(step[t]) == k)
+        size = sum(float(mask[t]) for t in range(T) if int(step[t]) == k)
+        assert got == pytest.approx((on / sum(negative), size / float(mask.sum())), abs=1e-12)
+        share, even = learning_run.blame_on_step(-torch.ones(T, dtype=torch.float64), mask, step, k)
+        assert share == pytest.approx(even, abs=1e-12)
